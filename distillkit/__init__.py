@@ -1,0 +1,16 @@
+"""distillkit: fused kernels for distilling large language-model agents into small ones.
+
+    loss = distillkit.distill_loss(student_logits, teacher_logits, labels,
+                                   divergence="forward_kl", temperature=2.0,
+                                   kl_weight=0.5, ce_weight=0.5)
+"""
+
+from . import reference
+from .functional import LossTerms, distill_loss, loss_terms
+from .modules import DistillationLoss, SpanDistillationLoss
+from .spans import PAD_SPAN, Span
+
+__version__ = "0.1.0"
+
+__all__ = ["distill_loss", "loss_terms", "LossTerms", "DistillationLoss", "SpanDistillationLoss",
+           "Span", "PAD_SPAN", "reference", "__version__"]

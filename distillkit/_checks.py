@@ -1,0 +1,130 @@
+"""Argument checks shared by the fused op and the reference.
+
+Every check reads only metadata (shapes, dtypes, Python values): none of them
+synchronizes with the device. The one exception, the label range check, is a
+separate function that callers can switch off.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# Integer ids the kernels switch on; 0 means "no divergence term" (CE only).
+DIVERGENCE_IDS = {name: i + 1 for i, name in enumerate(DIVERGENCES)}
+NO_DIVERGENCE = 0
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch", "cpu", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+Weight = Union[float, int, torch.Tensor]
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_logits(name: str, logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64; got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError(f"{name} must have a vocabulary dimension; got a 0-dim tensor")
+
+
+def check_options(*, divergence: str, beta: float, skew: float, temperature: float,
+                  reduction: str, backend: str) -> None:
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python float; got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
+    if not (0.0 < beta < 1.0):
+        raise ValueError(f"beta must be in (0, 1); got {beta}")
+    if not (0.0 <= skew < 1.0):
+        raise ValueError(f"skew must be in [0, 1); got {skew}")
+
+
+def check_pair(student: torch.Tensor, teacher: Optional[torch.Tensor]) -> None:
+    check_logits("student_logits", student)
+    if teacher is None:
+        return
+    check_logits("teacher_logits", teacher)
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(
+            f"teacher_logits has vocabulary size {teacher.shape[-1]} but student_logits has "
+            f"{student.shape[-1]}; pad or slice one of them to the same size")
+    if teacher.shape[:-1] != student.shape[:-1]:
+        raise ValueError(
+            f"teacher_logits leading shape {tuple(teacher.shape[:-1])} does not match "
+            f"student_logits leading shape {tuple(student.shape[:-1])}")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
+
+
+def check_labels(labels: Optional[torch.Tensor], student: torch.Tensor) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of int64; got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer tensor (int64); got {labels.dtype}")
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but must match the leading shape "
+            f"{tuple(student.shape[:-1])} of student_logits")
+    if labels.device != student.device:
+        raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
+
+
+def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raise if a label is outside [0, V) and not ignore_index. Synchronizes with the device."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        first = labels[bad].flatten()[0]
+        raise ValueError(
+            f"labels contains {int(first)}, outside [0, {vocab_size}) and not ignore_index={ignore_index}; "
+            "pass check_labels=False to skip this check (out-of-range labels then count as ignored)")
+
+
+def check_weight(name: str, weight: Weight, lead_shape: torch.Size, device: torch.device) -> None:
+    if isinstance(weight, bool):
+        raise TypeError(f"{name} must be a float or a tensor; got bool")
+    if isinstance(weight, (int, float)):
+        if not math.isfinite(weight):
+            raise ValueError(f"{name} must be finite; got {weight}")
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a tensor; got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor; got {weight.dtype}")
+    try:
+        shape = torch.broadcast_shapes(weight.shape, lead_shape)
+    except RuntimeError:
+        shape = None
+    if shape != lead_shape:
+        raise ValueError(
+            f"{name} has shape {tuple(weight.shape)}, which does not broadcast to the leading shape "
+            f"{tuple(lead_shape)} of the logits")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but the logits are on {device}")
+
+
+def check_normalizer(normalizer) -> None:
+    if normalizer is None:
+        return
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a float or a 0-dim tensor; got shape {tuple(normalizer.shape)}")
+        return
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(f"normalizer must be a float or a 0-dim tensor; got {type(normalizer).__name__}")
+    if not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0; got {normalizer}")

@@ -1,0 +1,65 @@
+"""Per-token weighting and reduction, shared by the fused op and the reference.
+
+Everything here is O(tokens): it runs as ordinary PyTorch autograd on top of
+the per-row divergence and cross-entropy, so per-token weights receive
+gradients and `torch.compile` sees plain tensor ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._checks import Weight
+
+
+def _is_zero(weight: Weight) -> bool:
+    return not isinstance(weight, torch.Tensor) and weight == 0
+
+
+def weigh_and_reduce(
+    divergence: torch.Tensor,  # [...] D per token (not yet scaled by T**2)
+    cross_entropy: torch.Tensor,  # [...] ce per token, 0 where the label is ignored
+    valid_label: Optional[torch.Tensor],  # [...] bool, None when there are no labels
+    *,
+    kl_weight: Weight,
+    ce_weight: Weight,
+    temperature: float,
+    temperature_scaling: bool,
+    reduction: str,
+    normalizer,
+) -> torch.Tensor:
+    scale = temperature**2 if temperature_scaling else 1.0
+    loss = torch.zeros_like(divergence)
+    if isinstance(kl_weight, torch.Tensor):
+        # where() keeps a token of weight 0 at exactly 0 even if its divergence is inf.
+        loss = loss + torch.where(kl_weight != 0, kl_weight * (divergence * scale), 0.0)
+    elif kl_weight != 0:
+        loss = loss + (kl_weight * scale) * divergence
+    if not _is_zero(ce_weight):
+        loss = loss + ce_weight * cross_entropy
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is not None:
+        return total / normalizer
+    return total / count_active_tokens(divergence, valid_label, kl_weight, ce_weight).clamp_min(1)
+
+
+def count_active_tokens(like: torch.Tensor, valid_label: Optional[torch.Tensor],
+                        kl_weight: Weight, ce_weight: Weight) -> torch.Tensor:
+    """Tokens that carry a loss: kl_weight != 0, or ce_weight != 0 with a valid label."""
+    active = torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+    if isinstance(kl_weight, torch.Tensor):
+        active = active | (kl_weight != 0)
+    elif kl_weight != 0:
+        active = torch.ones_like(active)
+    if valid_label is not None:
+        if isinstance(ce_weight, torch.Tensor):
+            active = active | ((ce_weight != 0) & valid_label)
+        elif ce_weight != 0:
+            active = active | valid_label
+    return active.sum().to(like.dtype)

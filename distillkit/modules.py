@@ -1,0 +1,150 @@
+"""Drop-in loss modules on top of :func:`distillkit.distill_loss`."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from ._checks import Weight
+from ._reduce import weigh_and_reduce
+from .functional import distill_loss, loss_terms
+from .spans import NUM_SPANS, PAD_SPAN, SPAN_NAMES, Span
+
+
+class DistillationLoss(nn.Module):
+    """`distill_loss` with its options fixed at construction.
+
+    forward(student_logits, teacher_logits, labels=None, *, kl_weight=None, ce_weight=None, normalizer=None):
+    per-call kl_weight / ce_weight (e.g. per-token tensors) override the constructor's.
+    """
+
+    def __init__(self, divergence: str = "forward_kl", *, beta: float = 0.5, skew: float = 0.1,
+                 temperature: float = 1.0, temperature_scaling: bool = True, kl_weight: Weight = 1.0,
+                 ce_weight: Weight = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                 backend: str = "auto", check_labels: bool = True):
+        super().__init__()
+        self.options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                            temperature_scaling=temperature_scaling, ignore_index=ignore_index,
+                            reduction=reduction, backend=backend, check_labels=check_labels)
+        self.kl_weight, self.ce_weight = kl_weight, ce_weight
+        # Validate now rather than on the first batch.
+        from . import _checks
+        _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                              reduction=reduction, backend=backend)
+
+    def forward(self, student_logits, teacher_logits, labels=None, *, kl_weight: Optional[Weight] = None,
+                ce_weight: Optional[Weight] = None, normalizer=None):
+        return distill_loss(
+            student_logits, teacher_logits, labels,
+            kl_weight=self.kl_weight if kl_weight is None else kl_weight,
+            ce_weight=self.ce_weight if ce_weight is None else ce_weight,
+            normalizer=normalizer, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+SpanWeights = Mapping[Union[str, int, Span], tuple[float, float]]
+
+# KL on reasoning and answers, CE on tool calls, nothing on prompt and tool results.
+DEFAULT_SPAN_WEIGHTS: dict[str, tuple[float, float]] = {
+    "prompt": (0.0, 0.0), "reason": (1.0, 0.0), "action": (0.0, 1.0),
+    "observation": (0.0, 0.0), "answer": (1.0, 0.0),
+}
+
+
+def _span_index(key) -> int:
+    if isinstance(key, str):
+        if key.lower() not in SPAN_NAMES:
+            raise ValueError(f"span_weights has unknown span {key!r}; known: {', '.join(SPAN_NAMES)}")
+        return SPAN_NAMES.index(key.lower())
+    index = int(key)
+    if not 0 <= index < NUM_SPANS:
+        raise ValueError(f"span_weights has span id {index}, outside [0, {NUM_SPANS})")
+    return index
+
+
+class SpanDistillationLoss(nn.Module):
+    """Span-level distillation: each token's (kl_weight, ce_weight) comes from its span id.
+
+    span_weights maps span names or ids (see distillkit.Span) to (kl_weight, ce_weight); spans not
+    listed get (0, 0), and padding (span id PAD_SPAN = -1) is always 0. One fused call computes the
+    whole loss, e.g. KL on reasoning spans, CE on action spans and nothing on observations.
+
+    learnable=True learns one log-variance s_k per non-zero table entry (uncertainty weighting): the
+    effective weight is w_k * exp(-s_k) and s_k is added to the loss, so the weights cannot collapse
+    to zero.
+
+    forward(student_logits, teacher_logits, labels, span_ids, *, sample_weight=None, normalizer=None)
+    returns the loss; `self.last_components` then holds detached per-span sums (kl/<span>, ce/<span>)
+    and token counts for logging.
+    """
+
+    def __init__(self, span_weights: Optional[SpanWeights] = None, divergence: str = "forward_kl", *,
+                 learnable: bool = False, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
+                 temperature_scaling: bool = True, ignore_index: int = -100, reduction: str = "mean",
+                 backend: str = "auto", check_labels: bool = True):
+        super().__init__()
+        table = torch.zeros(NUM_SPANS, 2)
+        for key, (kl, ce) in (DEFAULT_SPAN_WEIGHTS if span_weights is None else span_weights).items():
+            table[_span_index(key)] = torch.tensor([float(kl), float(ce)])
+        self.register_buffer("weight_table", table)
+        # Decided once on the host, so forward never synchronizes to inspect the table.
+        self._kl_spans = [span for span in Span if table[span, 0] != 0]
+        self._ce_spans = [span for span in Span if table[span, 1] != 0]
+        self.learnable = learnable
+        self.log_vars = nn.Parameter(torch.zeros(NUM_SPANS, 2)) if learnable else None
+        self.term_options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                                 ignore_index=ignore_index, backend=backend, check_labels=check_labels)
+        self.temperature_scaling, self.reduction = temperature_scaling, reduction
+        self.last_components: dict[str, torch.Tensor] = {}
+        from . import _checks
+        _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                              reduction=reduction, backend=backend)
+
+    def effective_table(self) -> torch.Tensor:
+        """[NUM_SPANS, 2] (kl_weight, ce_weight) per span, after learned scaling."""
+        if self.log_vars is None:
+            return self.weight_table
+        return self.weight_table * torch.exp(-self.log_vars)
+
+    def forward(self, student_logits, teacher_logits, labels, span_ids, *,
+                sample_weight: Optional[torch.Tensor] = None, normalizer=None):
+        if span_ids.shape != student_logits.shape[:-1]:
+            raise ValueError(f"span_ids has shape {tuple(span_ids.shape)} but must match the leading shape "
+                             f"{tuple(student_logits.shape[:-1])} of student_logits")
+        is_pad = span_ids == PAD_SPAN
+        table = self.effective_table().to(student_logits.device)
+        per_token = table[torch.where(is_pad, 0, span_ids).long()]  # [..., 2]
+        per_token = torch.where(is_pad.unsqueeze(-1), 0.0, per_token)
+        if sample_weight is not None:  # e.g. curriculum weights per sequence, [B] or broadcastable
+            per_token = per_token * sample_weight.reshape(
+                *sample_weight.shape, *([1] * (span_ids.dim() - sample_weight.dim())), 1)
+        kl_weight, ce_weight = per_token[..., 0], per_token[..., 1]
+        uses_kl, uses_ce = bool(self._kl_spans), bool(self._ce_spans)
+        terms = loss_terms(student_logits, teacher_logits, labels, with_divergence=uses_kl,
+                           with_ce=uses_ce and labels is not None, **self.term_options)
+        loss = weigh_and_reduce(*terms, kl_weight=kl_weight if uses_kl else 0.0,
+                                ce_weight=ce_weight if uses_ce else 0.0,
+                                temperature=self.term_options["temperature"],
+                                temperature_scaling=self.temperature_scaling, reduction=self.reduction,
+                                normalizer=normalizer)
+        self.last_components = self._components(terms, span_ids)
+        if self.log_vars is not None:
+            active = self.weight_table != 0
+            loss = loss + (self.log_vars * active).sum()
+        return loss
+
+    @torch.no_grad()
+    def _components(self, terms, span_ids) -> dict[str, torch.Tensor]:
+        scale = self.term_options["temperature"] ** 2 if self.temperature_scaling else 1.0
+        out = {}
+        for span in Span:
+            out[f"tokens/{span.name.lower()}"] = (span_ids == span).sum()
+        for span in self._kl_spans:
+            out[f"kl/{span.name.lower()}"] = (terms.divergence * scale * (span_ids == span)).sum()
+        for span in self._ce_spans:
+            out[f"ce/{span.name.lower()}"] = (terms.cross_entropy * (span_ids == span)).sum()
+        return out

@@ -1,0 +1,84 @@
+"""The fused op as torch custom ops: registration, fake (meta) implementations, autograd.
+
+`distillkit::distill_rows` returns per-row divergence, cross-entropy and the
+statistics its backward needs; `distillkit::distill_rows_backward` turns the
+per-row gradients into the student-logits gradient. Both are opaque to
+`torch.compile` (no graph break, nothing traced inside), have fake
+implementations for shape propagation, and dispatch to a backend at call time.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+@torch.library.custom_op("distillkit::distill_rows", mutates_args=())
+def distill_rows(
+    student: Tensor, teacher: Optional[Tensor], labels: Optional[Tensor],
+    divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (D [...], ce [...], stats [..., 4]) in fp32; see docs/DESIGN.md."""
+    return backends.module(backend).forward(student, teacher, labels, divergence, mix, temperature,
+                                            ignore_index, with_ce)
+
+
+@distill_rows.register_fake
+def _(student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce, backend):
+    lead = student.shape[:-1]
+    return (student.new_empty(lead, dtype=torch.float32), student.new_empty(lead, dtype=torch.float32),
+            student.new_empty((*lead, 4), dtype=torch.float32))
+
+
+@torch.library.custom_op("distillkit::distill_rows_backward", mutates_args=())
+def distill_rows_backward(
+    grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Optional[Tensor], labels: Optional[Tensor],
+    stats: Tensor, divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+    backend: str,
+) -> Tensor:
+    """grad_student = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y))."""
+    return backends.module(backend).backward(grad_div, grad_ce, student, teacher, labels, stats, divergence,
+                                             mix, temperature, ignore_index, with_ce)
+
+
+@distill_rows_backward.register_fake
+def _(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature, ignore_index,
+      with_ce, backend):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+# -- autograd -----------------------------------------------------------------------------------
+
+_FORWARD_ARGS = ("student", "teacher", "labels", "divergence", "mix", "temperature", "ignore_index",
+                 "with_ce", "backend")
+
+
+def _gradients(**grads) -> tuple:
+    """One entry per argument of distill_rows, None for the non-differentiable ones."""
+    return tuple(grads.get(name) for name in _FORWARD_ARGS)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce, backend = inputs
+    _, _, stats = output
+    ctx.save_for_backward(student, teacher, labels, stats)
+    ctx.options = (divergence, mix, temperature, ignore_index, with_ce, backend)
+    ctx.mark_non_differentiable(stats)
+
+
+def _backward(ctx, grad_div, grad_ce, _grad_stats):
+    student, teacher, labels, stats = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return _gradients()
+    # A row output that did not reach the loss has no gradient: treat it as 0.
+    grad_div = torch.zeros_like(stats[..., 0]) if grad_div is None else grad_div
+    grad_ce = torch.zeros_like(stats[..., 0]) if grad_ce is None else grad_ce
+    grad_student = distill_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, *ctx.options)
+    return _gradients(student=grad_student)
+
+
+distill_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,128 @@
+"""The reference distillation loss: plain PyTorch, readable, float64-capable.
+
+This is the oracle that tests, benchmarks and ``distillkit compare`` check the
+fused backends against. It materializes full-vocabulary tensors on purpose:
+it is written to be obviously right, not fast. It computes in the dtype it is
+given, so pass float64 inputs for a float64 oracle.
+
+Semantics (see README "The math"): for each token, p = softmax(t/T),
+q = softmax(s/T),
+
+    forward_kl       KL(p || q)
+    reverse_kl       KL(q || p)
+    jsd              beta KL(p || m) + (1-beta) KL(q || m),  m = beta p + (1-beta) q
+    skew_forward_kl  KL(p || skew p + (1-skew) q)
+    skew_reverse_kl  KL(q || (1-skew) p + skew q)
+    tvd              1/2 sum |p - q|
+
+D is multiplied by T**2 when temperature_scaling; ce = -log softmax(s)[y] at
+temperature 1 where y != ignore_index; loss = kl_weight * D + ce_weight * ce.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks
+from ._reduce import weigh_and_reduce
+
+
+def _kl_terms(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
+    """sum_j x_j (log x_j - log y_j), with 0 * log 0 = 0 (masked entries) and no NaN in the gradient."""
+    present = x > 0
+    log_ratio = torch.where(present, log_x - log_y, 0.0)
+    return (x * log_ratio).sum(-1)
+
+
+def _safe_log(m: torch.Tensor) -> torch.Tensor:
+    # log(m) where m > 0; where m == 0 every term that uses it is multiplied by 0.
+    return torch.log(torch.where(m > 0, m, 1.0))
+
+
+def divergence_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                         divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """D for every token (leading shape), not scaled by T**2."""
+    log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "forward_kl":
+        return _kl_terms(p, log_p, log_q)
+    if divergence == "reverse_kl":
+        return _kl_terms(q, log_q, log_p)
+    if divergence == "jsd":
+        log_m = _safe_log(beta * p + (1 - beta) * q)
+        return beta * _kl_terms(p, log_p, log_m) + (1 - beta) * _kl_terms(q, log_q, log_m)
+    if divergence == "skew_forward_kl":
+        return _kl_terms(p, log_p, _safe_log(skew * p + (1 - skew) * q))
+    if divergence == "skew_reverse_kl":
+        return _kl_terms(q, log_q, _safe_log((1 - skew) * p + skew * q))
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def valid_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Labels that take part in the CE term: not ignore_index and inside [0, V)."""
+    return (labels != ignore_index) & (labels >= 0) & (labels < vocab_size)
+
+
+def cross_entropy_per_token(student_logits: torch.Tensor, labels: torch.Tensor,
+                            ignore_index: int = -100) -> torch.Tensor:
+    """-log softmax(s)[y] at temperature 1; 0 where the label is ignored or out of range."""
+    valid = valid_labels(labels, student_logits.shape[-1], ignore_index)
+    log_q1 = torch.log_softmax(student_logits, dim=-1)
+    target = torch.where(valid, labels, 0).long().unsqueeze(-1)
+    return torch.where(valid, -log_q1.gather(-1, target).squeeze(-1), 0.0)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor] = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    temperature_scaling: bool = True,
+    kl_weight=1.0,
+    ce_weight=0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer=None,
+    backend: str = "auto",  # accepted for signature parity; the reference has one implementation
+    check_labels: bool = True,
+) -> torch.Tensor:
+    """Same signature and semantics as :func:`distillkit.distill_loss`, in plain PyTorch autograd."""
+    _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                          reduction=reduction, backend=backend)
+    _checks.check_pair(student_logits, teacher_logits)
+    _checks.check_labels(labels, student_logits)
+    lead_shape = student_logits.shape[:-1]
+    _checks.check_weight("kl_weight", kl_weight, lead_shape, student_logits.device)
+    _checks.check_weight("ce_weight", ce_weight, lead_shape, student_logits.device)
+    _checks.check_normalizer(normalizer)
+    if teacher_logits is None and not (isinstance(kl_weight, (int, float)) and kl_weight == 0):
+        raise ValueError("teacher_logits is None: pass teacher logits, or kl_weight=0.0 for a CE-only loss")
+    if labels is None and not (isinstance(ce_weight, (int, float)) and ce_weight == 0):
+        raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
+    vocab_size = student_logits.shape[-1]
+    if labels is not None and check_labels:
+        _checks.check_label_range(labels, vocab_size, ignore_index)
+
+    if teacher_logits is None:
+        div = torch.zeros(lead_shape, dtype=student_logits.dtype, device=student_logits.device)
+    else:
+        div = divergence_per_token(student_logits, teacher_logits.detach(), divergence=divergence,
+                                   beta=beta, skew=skew, temperature=temperature)
+    if labels is None:
+        ce, valid = torch.zeros_like(div), None
+    else:
+        ce = cross_entropy_per_token(student_logits, labels, ignore_index)
+        valid = valid_labels(labels, vocab_size, ignore_index)
+    return weigh_and_reduce(div, ce, valid, kl_weight=kl_weight, ce_weight=ce_weight,
+                            temperature=temperature, temperature_scaling=temperature_scaling,
+                            reduction=reduction, normalizer=normalizer)
