@@ -18,6 +18,10 @@ def _is_zero(weight: Weight) -> bool:
     return not isinstance(weight, torch.Tensor) and weight == 0
 
 
+def _attached_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x * 0.0, 0.0)
+
+
 def weigh_and_reduce(
     divergence: torch.Tensor,  # [...] D per token (not yet scaled by T**2)
     cross_entropy: torch.Tensor,  # [...] ce per token, 0 where the label is ignored
@@ -31,7 +35,9 @@ def weigh_and_reduce(
     normalizer,
 ) -> torch.Tensor:
     scale = temperature**2 if temperature_scaling else 1.0
-    loss = torch.zeros_like(divergence)
+    # Start from an exact 0 that stays attached to the graph, so backward() works even when
+    # every weight is 0 (the gradient is then exactly 0, also through infinite entries).
+    loss = _attached_zero(divergence) + _attached_zero(cross_entropy)
     if isinstance(kl_weight, torch.Tensor):
         # where() keeps a token of weight 0 at exactly 0 even if its divergence is inf.
         loss = loss + torch.where(kl_weight != 0, kl_weight * (divergence * scale), 0.0)
