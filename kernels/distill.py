@@ -22,15 +22,15 @@ import triton
 import triton.language as tl
 
 # Divergence ids (constexpr switch); names in distillkit._checks.DIVERGENCE_IDS.
-NONE: tl.constexpr = 0
-FORWARD_KL: tl.constexpr = 1
-REVERSE_KL: tl.constexpr = 2
-JSD: tl.constexpr = 3
-SKEW_FORWARD_KL: tl.constexpr = 4
-SKEW_REVERSE_KL: tl.constexpr = 5
-TVD: tl.constexpr = 6
+NONE = tl.constexpr(0)
+FORWARD_KL = tl.constexpr(1)
+REVERSE_KL = tl.constexpr(2)
+JSD = tl.constexpr(3)
+SKEW_FORWARD_KL = tl.constexpr(4)
+SKEW_REVERSE_KL = tl.constexpr(5)
+TVD = tl.constexpr(6)
 
-NUM_STATS: tl.constexpr = 4  # per row: lse(t/T), lse(s/T), c, lse(s)
+NUM_STATS = tl.constexpr(4)  # per row: lse(t/T), lse(s/T), c, lse(s)
 
 
 @triton.jit
