@@ -22,7 +22,7 @@ def test_parse_resource_usage():
     # 32 regs x 4 warps: 16 blocks fill all 64 warps.
     assert occupancy(80, 32, 4, 0) == 1.0
     # shared memory bound: 100 KB per block on sm_80 (164 KB per SM) leaves one block.
-    assert occupancy(80, 32, 4, 100 * 1024) == 4 / 64
+    assert abs(occupancy(80, 32, 4, 100 * 1024) - 4 / 64) < 1e-3
 
 
 def test_every_triton_specialization_compiles_without_spills(tmp_path):
