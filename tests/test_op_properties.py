@@ -116,3 +116,18 @@ def test_random_shapes_and_options(lead, vocab, divergence, temperature, tempera
     for kind, got, want in (("loss", loss, ref), ("grad", s.grad, s64.grad)):
         result = compare(got, want, torch.float32, kind)
         assert result.ok, f"{kind}: {result.describe()}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_inductor(backend):
+    """The default compiler (inductor) too: the op stays opaque, the O(tokens) code around it is fused."""
+    student = torch.randn(4, 1271, requires_grad=True)
+    teacher = torch.randn(4, 1271)
+    compiled = torch.compile(
+        lambda s, t: distillkit.distill_loss(s, t, divergence="tvd", temperature=0.5, backend=backend),
+        fullgraph=True)
+    loss = compiled(student, teacher)
+    (grad,) = torch.autograd.grad(loss, student)
+    expected = distillkit.distill_loss(student, teacher, divergence="tvd", temperature=0.5, backend=backend)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, student)[0])
