@@ -52,15 +52,20 @@ def check_options(*, divergence: str, beta: float, skew: float, temperature: flo
         raise ValueError(f"skew must be in [0, 1); got {skew}")
 
 
-def check_pair(student: torch.Tensor, teacher: Optional[torch.Tensor]) -> None:
+VOCAB_MISMATCH = ("error", "truncate")
+
+
+def check_pair(student: torch.Tensor, teacher: Optional[torch.Tensor], vocab_mismatch: str = "error") -> None:
     check_logits("student_logits", student)
+    check_choice("vocab_mismatch", vocab_mismatch, VOCAB_MISMATCH)
     if teacher is None:
         return
     check_logits("teacher_logits", teacher)
-    if teacher.shape[-1] != student.shape[-1]:
+    if teacher.shape[-1] != student.shape[-1] and vocab_mismatch == "error":
         raise ValueError(
             f"teacher_logits has vocabulary size {teacher.shape[-1]} but student_logits has "
-            f"{student.shape[-1]}; pad or slice one of them to the same size")
+            f"{student.shape[-1]}; pass vocab_mismatch='truncate' to compare the distributions over the "
+            f"shared first {min(teacher.shape[-1], student.shape[-1])} ids")
     if teacher.shape[:-1] != student.shape[:-1]:
         raise ValueError(
             f"teacher_logits leading shape {tuple(teacher.shape[:-1])} does not match "

@@ -45,11 +45,12 @@ def loss_terms(
     check_labels: bool = True,
     with_divergence: bool = True,
     with_ce: Optional[bool] = None,
+    vocab_mismatch: str = "error",
 ) -> LossTerms:
     """Per-token divergence and cross-entropy from one fused pass (differentiable w.r.t. the student)."""
     _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                           reduction="none", backend=backend)
-    _checks.check_pair(student_logits, teacher_logits if with_divergence else None)
+    _checks.check_pair(student_logits, teacher_logits if with_divergence else None, vocab_mismatch)
     _checks.check_labels(labels, student_logits)
     if with_divergence and teacher_logits is None:
         raise ValueError("teacher_logits is None: pass teacher logits, or kl_weight=0.0 for a CE-only loss")
@@ -66,9 +67,10 @@ def loss_terms(
     div_id = DIVERGENCE_IDS[divergence] if with_divergence else NO_DIVERGENCE
     mix = beta if divergence == "jsd" else skew
     kernel_labels = labels.long() if with_ce else None
+    div_vocab = min(vocab_size, teacher_logits.shape[-1]) if with_divergence else vocab_size
     div, ce, _ = torch.ops.distillkit.distill_rows(
         student_logits, teacher_logits.detach() if with_divergence else None, kernel_labels,
-        div_id, float(mix), float(temperature), int(ignore_index), bool(with_ce), resolved)
+        div_id, float(mix), float(temperature), int(ignore_index), bool(with_ce), div_vocab, resolved)
     valid = valid_labels(labels, vocab_size, ignore_index) if labels is not None else None
     return LossTerms(div, ce, valid)
 
@@ -90,6 +92,7 @@ def distill_loss(
     normalizer=None,
     backend: str = "auto",
     check_labels: bool = True,
+    vocab_mismatch: str = "error",
 ) -> torch.Tensor:
     """Fused knowledge-distillation loss between student and teacher logits.
 
@@ -111,6 +114,9 @@ def distill_loss(
         backend: "auto" | "triton" | "torch" | "cpu" | "cuda".
         check_labels: verify labels lie in [0, V) (one device sync; skipped under torch.compile). With the
             check off, out-of-range labels count as ignored and are never read out of bounds.
+        vocab_mismatch: "error" (default) when the vocabulary sizes differ, or "truncate": the divergence
+            compares the distributions over the shared first min(V_student, V_teacher) ids (the extra ids
+            get probability 0 on both sides) while CE keeps the student's whole vocabulary.
     Returns:
         The loss in float32 (float64 for float64 inputs on the torch backend).
     """
@@ -126,7 +132,7 @@ def distill_loss(
     terms = loss_terms(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, skew=skew,
         temperature=temperature, ignore_index=ignore_index, backend=backend, check_labels=check_labels,
-        with_divergence=not _is_literal_zero(kl_weight),
+        vocab_mismatch=vocab_mismatch, with_divergence=not _is_literal_zero(kl_weight),
         with_ce=labels is not None and not _is_literal_zero(ce_weight))
     return weigh_and_reduce(*terms, kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             temperature_scaling=temperature_scaling, reduction=reduction,

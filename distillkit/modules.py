@@ -23,11 +23,12 @@ class DistillationLoss(nn.Module):
     def __init__(self, divergence: str = "forward_kl", *, beta: float = 0.5, skew: float = 0.1,
                  temperature: float = 1.0, temperature_scaling: bool = True, kl_weight: Weight = 1.0,
                  ce_weight: Weight = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                 backend: str = "auto", check_labels: bool = True):
+                 backend: str = "auto", check_labels: bool = True, vocab_mismatch: str = "error"):
         super().__init__()
         self.options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                             temperature_scaling=temperature_scaling, ignore_index=ignore_index,
-                            reduction=reduction, backend=backend, check_labels=check_labels)
+                            reduction=reduction, backend=backend, check_labels=check_labels,
+                            vocab_mismatch=vocab_mismatch)
         self.kl_weight, self.ce_weight = kl_weight, ce_weight
         # Validate now rather than on the first batch.
         from . import _checks
@@ -85,7 +86,7 @@ class SpanDistillationLoss(nn.Module):
     def __init__(self, span_weights: Optional[SpanWeights] = None, divergence: str = "forward_kl", *,
                  learnable: bool = False, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
                  temperature_scaling: bool = True, ignore_index: int = -100, reduction: str = "mean",
-                 backend: str = "auto", check_labels: bool = True):
+                 backend: str = "auto", check_labels: bool = True, vocab_mismatch: str = "error"):
         super().__init__()
         table = torch.zeros(NUM_SPANS, 2)
         for key, (kl, ce) in (DEFAULT_SPAN_WEIGHTS if span_weights is None else span_weights).items():
@@ -97,7 +98,8 @@ class SpanDistillationLoss(nn.Module):
         self.learnable = learnable
         self.log_vars = nn.Parameter(torch.zeros(NUM_SPANS, 2)) if learnable else None
         self.term_options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-                                 ignore_index=ignore_index, backend=backend, check_labels=check_labels)
+                                 ignore_index=ignore_index, backend=backend, check_labels=check_labels,
+                                 vocab_mismatch=vocab_mismatch)
         self.temperature_scaling, self.reduction = temperature_scaling, reduction
         self.last_components: dict[str, torch.Tensor] = {}
         from . import _checks

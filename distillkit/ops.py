@@ -20,15 +20,17 @@ from . import backends
 @torch.library.custom_op("distillkit::distill_rows", mutates_args=())
 def distill_rows(
     student: Tensor, teacher: Optional[Tensor], labels: Optional[Tensor],
-    divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool, backend: str,
+    divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool, div_vocab: int,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (D [...], ce [...], stats [..., 4]) in fp32; see docs/DESIGN.md."""
+    """Per-row (D [...], ce [...], stats [..., 4]) in fp32; see docs/DESIGN.md. The divergence covers the
+    first div_vocab ids of both sides, CE the student's whole vocabulary."""
     return backends.module(backend).forward(student, teacher, labels, divergence, mix, temperature,
-                                            ignore_index, with_ce)
+                                            ignore_index, with_ce, div_vocab)
 
 
 @distill_rows.register_fake
-def _(student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce, backend):
+def _(student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce, div_vocab, backend):
     lead = student.shape[:-1]
     return (student.new_empty(lead, dtype=torch.float32), student.new_empty(lead, dtype=torch.float32),
             student.new_empty((*lead, 4), dtype=torch.float32))
@@ -38,23 +40,23 @@ def _(student, teacher, labels, divergence, mix, temperature, ignore_index, with
 def distill_rows_backward(
     grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Optional[Tensor], labels: Optional[Tensor],
     stats: Tensor, divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
-    backend: str,
+    div_vocab: int, backend: str,
 ) -> Tensor:
     """grad_student = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y))."""
     return backends.module(backend).backward(grad_div, grad_ce, student, teacher, labels, stats, divergence,
-                                             mix, temperature, ignore_index, with_ce)
+                                             mix, temperature, ignore_index, with_ce, div_vocab)
 
 
 @distill_rows_backward.register_fake
 def _(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature, ignore_index,
-      with_ce, backend):
+      with_ce, div_vocab, backend):
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
 # -- autograd -----------------------------------------------------------------------------------
 
 _FORWARD_ARGS = ("student", "teacher", "labels", "divergence", "mix", "temperature", "ignore_index",
-                 "with_ce", "backend")
+                 "with_ce", "div_vocab", "backend")
 
 
 def _gradients(**grads) -> tuple:
@@ -63,10 +65,10 @@ def _gradients(**grads) -> tuple:
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce, backend = inputs
+    student, teacher, labels, *options = inputs
     _, _, stats = output
     ctx.save_for_backward(student, teacher, labels, stats)
-    ctx.options = (divergence, mix, temperature, ignore_index, with_ce, backend)
+    ctx.options = tuple(options)  # divergence, mix, temperature, ignore_index, with_ce, div_vocab, backend
     ctx.mark_non_differentiable(stats)
 
 

@@ -17,6 +17,8 @@ q = softmax(s/T),
 
 D is multiplied by T**2 when temperature_scaling; ce = -log softmax(s)[y] at
 temperature 1 where y != ignore_index; loss = kl_weight * D + ce_weight * ce.
+With vocab_mismatch="truncate", D compares the distributions over the first
+min(V_student, V_teacher) ids and CE keeps the student's whole vocabulary.
 """
 
 from __future__ import annotations
@@ -95,11 +97,12 @@ def distill_loss(
     normalizer=None,
     backend: str = "auto",  # accepted for signature parity; the reference has one implementation
     check_labels: bool = True,
+    vocab_mismatch: str = "error",
 ) -> torch.Tensor:
     """Same signature and semantics as :func:`distillkit.distill_loss`, in plain PyTorch autograd."""
     _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                           reduction=reduction, backend=backend)
-    _checks.check_pair(student_logits, teacher_logits)
+    _checks.check_pair(student_logits, teacher_logits, vocab_mismatch)
     _checks.check_labels(labels, student_logits)
     lead_shape = student_logits.shape[:-1]
     _checks.check_weight("kl_weight", kl_weight, lead_shape, student_logits.device)
@@ -116,8 +119,10 @@ def distill_loss(
     if teacher_logits is None:
         div = torch.zeros(lead_shape, dtype=student_logits.dtype, device=student_logits.device)
     else:
-        div = divergence_per_token(student_logits, teacher_logits.detach(), divergence=divergence,
-                                   beta=beta, skew=skew, temperature=temperature)
+        # "truncate": both distributions live on the shared first ids; the rest get probability 0.
+        shared = min(student_logits.shape[-1], teacher_logits.shape[-1])
+        div = divergence_per_token(student_logits[..., :shared], teacher_logits.detach()[..., :shared],
+                                   divergence=divergence, beta=beta, skew=skew, temperature=temperature)
     if labels is None:
         ce, valid = torch.zeros_like(div), None
     else:

@@ -16,6 +16,10 @@ Memory traffic (one unit = one read of one [N, V] logits tensor):
 - jsd / skew / tvd: log(m) needs both normalizers first, so two passes (4).
 - backward: one read of s and t and one write of the gradient (3).
 - CE only (DIVERGENCE == 0): the teacher is never read (1 + 2 units).
+
+The divergence covers the first div_vocab_size ids (== vocab_size unless teacher
+and student vocabularies differ and are truncated to the shared ids); the
+student's ids beyond it take part in the CE term only.
 """
 
 import triton
@@ -98,7 +102,7 @@ def distill_forward_kernel(
     student_ptr, teacher_ptr, labels_ptr,
     div_ptr, ce_ptr, stats_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-    vocab_size, mix, inv_temperature, ignore_index,
+    vocab_size, div_vocab_size, mix, inv_temperature, ignore_index,
     DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per row: per-row D, ce and the statistics the backward needs."""
@@ -122,8 +126,9 @@ def distill_forward_kernel(
         if WITH_CE:
             m_s, z_s = _online_lse_step(m_s, z_s, s)
         if DIVERGENCE != NONE:
-            a = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
-            b = s * inv_temperature
+            in_div = offs < div_vocab_size
+            a = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32) * inv_temperature
+            b = tl.where(in_div, s, NEG_INF) * inv_temperature
             if DIVERGENCE == FORWARD_KL:
                 m_new = tl.maximum(m_a, tl.max(a, 0))
                 m_ref = _safe_max(m_new)
@@ -158,9 +163,9 @@ def distill_forward_kernel(
         c = div
     elif DIVERGENCE != NONE:
         # Pass 2: the mixture divergences need both normalized distributions.
-        for start in range(0, vocab_size, BLOCK_V):
+        for start in range(0, div_vocab_size, BLOCK_V):
             offs = start + cols
-            in_row = offs < vocab_size
+            in_row = offs < div_vocab_size
             a = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
             b = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
             log_p = a - lse_a
@@ -191,7 +196,7 @@ def distill_forward_kernel(
 def distill_backward_kernel(
     grad_div_ptr, grad_ce_ptr, student_ptr, teacher_ptr, labels_ptr, stats_ptr, grad_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-    vocab_size, mix, inv_temperature, ignore_index,
+    vocab_size, div_vocab_size, mix, inv_temperature, ignore_index,
     DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Grid (rows, vocabulary blocks):
@@ -223,9 +228,10 @@ def distill_backward_kernel(
         if DIVERGENCE != NONE:
             if g_div != 0:
                 t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
-                a = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
+                in_div = offs < div_vocab_size
+                a = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32) * inv_temperature
                 log_p = a - tl.load(stats_row + 0)
-                log_q = s * inv_temperature - tl.load(stats_row + 1)
+                log_q = tl.where(in_div, s, NEG_INF) * inv_temperature - tl.load(stats_row + 1)
                 p = tl.exp(log_p)
                 q = tl.exp(log_q)
                 if DIVERGENCE == FORWARD_KL:

@@ -25,11 +25,12 @@ def test_opcheck(backend, divergence):
     labels[0] = -100
     div_id = 0 if divergence is None else DIVERGENCE_IDS[divergence]
     torch.library.opcheck(torch.ops.distillkit.distill_rows.default,
-                          (student, teacher if div_id else None, labels, div_id, 0.5, 2.0, -100, True, backend))
-    stats = torch.ops.distillkit.distill_rows(student, teacher, labels, div_id, 0.5, 2.0, -100, True, backend)[2]
+                          (student, teacher if div_id else None, labels, div_id, 0.5, 2.0, -100, True, 1271, backend))
+    stats = torch.ops.distillkit.distill_rows(student, teacher, labels, div_id, 0.5, 2.0, -100, True, 1271,
+                                             backend)[2]
     torch.library.opcheck(torch.ops.distillkit.distill_rows_backward.default,
                           (torch.rand(3, 5), torch.rand(3, 5), student.detach(), teacher, labels, stats, div_id,
-                           0.5, 2.0, -100, True, backend))
+                           0.5, 2.0, -100, True, 1271, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -59,11 +59,12 @@ def _valid(labels, vocab, ignore_index):
 
 
 def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-            divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool):
+            divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+            div_vocab: int):
     div, ce, stats = row_outputs(student)
     vocab = student.shape[-1]
     s2 = student.reshape(-1, vocab)
-    t2 = teacher.reshape(-1, vocab) if divergence != 0 else None
+    t2 = teacher.reshape(-1, teacher.shape[-1])[:, :div_vocab] if divergence != 0 else None
     y = labels.reshape(-1) if with_ce else None
     div2, ce2, stats2 = div.view(-1), ce.view(-1), stats.view(-1, 4)
     stats2.zero_()
@@ -73,7 +74,7 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
         s = s2[rows].float()
         if divergence != 0:
             a = t2[rows].float() / temperature
-            b = s / temperature
+            b = s[:, :div_vocab] / temperature
             lse_a, lse_b = a.logsumexp(-1), b.logsumexp(-1)
             log_p, log_q = a - lse_a[:, None], b - lse_b[:, None]
             d, h = divergence_terms(log_p, log_q, log_p.exp(), log_q.exp(), mix, divergence)
@@ -91,11 +92,12 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
 
 def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tensor,
              teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor], stats: torch.Tensor,
-             divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool):
+             divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+             div_vocab: int):
     vocab = student.shape[-1]
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     g2, s2 = grad.view(-1, vocab), student.reshape(-1, vocab)
-    t2 = teacher.reshape(-1, vocab) if divergence != 0 else None
+    t2 = teacher.reshape(-1, teacher.shape[-1])[:, :div_vocab] if divergence != 0 else None
     st2 = stats.reshape(-1, 4).float()
     gd, gc = grad_div.reshape(-1).float(), grad_ce.reshape(-1).float()
     for rows in _chunks(s2.shape[0], vocab):
@@ -104,12 +106,12 @@ def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tenso
         if divergence != 0:
             a = t2[rows].float() / temperature
             log_p = a - st2[rows, 0:1]
-            log_q = s / temperature - st2[rows, 1:2]
+            log_q = s[:, :div_vocab] / temperature - st2[rows, 1:2]
             p, q = log_p.exp(), log_q.exp()
             _, h = divergence_terms(log_p, log_q, p, q, mix, divergence)
             d_db = h - q * st2[rows, 2:3]
             # where, not multiply: a row weighted out of the divergence may have an infinite one.
-            out += torch.where(gd[rows, None] != 0, (gd[rows, None] / temperature) * d_db, 0.0)
+            out[:, :div_vocab] += torch.where(gd[rows, None] != 0, (gd[rows, None] / temperature) * d_db, 0.0)
         if with_ce:
             y = labels.reshape(-1)[rows]
             valid = _valid(y, vocab, ignore_index)
