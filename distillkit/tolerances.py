@@ -27,7 +27,8 @@ class Tolerance:
 
 TOLERANCES: dict[tuple[torch.dtype, str], Tolerance] = {
     (torch.float32, "loss"): Tolerance(atol=5e-5, rtol=1e-4),
-    (torch.float32, "grad"): Tolerance(atol=2e-5, rtol=1e-4),
+    # fp32 gradients: p - q rounds at ~1e-7 of |s / T|, which low temperatures amplify.
+    (torch.float32, "grad"): Tolerance(atol=2e-5, rtol=3e-4),
     (torch.float16, "loss"): Tolerance(atol=5e-5, rtol=1e-4),
     (torch.float16, "grad"): Tolerance(atol=2e-4, rtol=2e-3),
     (torch.bfloat16, "loss"): Tolerance(atol=5e-5, rtol=1e-4),
