@@ -114,11 +114,17 @@ def test_random_shapes_and_options(lead, vocab, divergence, temperature, tempera
     loss = distillkit.distill_loss(s, teacher, labels, backend=backend, **options)
     s64 = student.double().requires_grad_()
     ref = reference.distill_loss(s64, teacher.double(), labels, **options)
-    loss.sum().backward()
-    ref.sum().backward()
-    for kind, got, want in (("loss", loss, ref), ("grad", s.grad, s64.grad)):
+    s32 = student.clone().requires_grad_()
+    eager = reference.distill_loss(s32, teacher, labels, **options)  # eager PyTorch in fp32
+    for out in (loss, ref, eager):
+        out.sum().backward()
+    for kind, got, want, eager_got in (("loss", loss, ref, eager), ("grad", s.grad, s64.grad, s32.grad)):
         result = compare(got, want, torch.float32, kind)
-        assert result.ok, f"{kind}: {result.describe()}"
+        # Nearly equal distributions with large logits / T: fp32 itself cannot resolve the difference, so
+        # the bar is then eager fp32 PyTorch's own error on the same input.
+        eager_err = float((eager_got.double() - want).abs().nan_to_num(0.0).max()) if want.numel() else 0.0
+        assert result.ok or result.max_abs <= EAGER_ERROR_FACTOR * eager_err, (
+            f"{kind}: {result.describe()}; eager fp32 error {eager_err:.3e}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
