@@ -59,6 +59,21 @@ def _online_lse_step(m, z, x):
 
 
 @triton.jit
+def _online_kl_step(m, z, w, x, y):
+    """Merge block x into (m, z) as above and into w = sum e^(x - m) (x - y), rescaled alike.
+
+    At the end KL(softmax x || softmax y) = w / z - lse(x) + lse(y): one pass over both rows.
+    Entries with e^(x - m) = 0 (x = -inf, a masked teacher entry) contribute 0, not 0 * inf."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_ref = _safe_max(m_new)
+    e = tl.exp(x - m_ref)
+    rescale = tl.exp(m - m_ref)
+    w = w * rescale + tl.sum(tl.where(e > 0, e * (x - y), 0.0), 0)
+    z = z * rescale + tl.sum(e, 0)
+    return m_new, z, w
+
+
+@triton.jit
 def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
     """Per-element (d_j, h_j): sum_j d_j = D and h_j = q_j * dD/dq_j. 0 where the weighting probability is 0."""
     if DIVERGENCE == FORWARD_KL:
@@ -130,22 +145,10 @@ def distill_forward_kernel(
             a = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32) * inv_temperature
             b = tl.where(in_div, s, NEG_INF) * inv_temperature
             if DIVERGENCE == FORWARD_KL:
-                m_new = tl.maximum(m_a, tl.max(a, 0))
-                m_ref = _safe_max(m_new)
-                e = tl.exp(a - m_ref)
-                rescale = tl.exp(m_a - m_ref)
-                w = w * rescale + tl.sum(tl.where(e > 0, e * (a - b), 0.0), 0)
-                z_a = z_a * rescale + tl.sum(e, 0)
-                m_a = m_new
+                m_a, z_a, w = _online_kl_step(m_a, z_a, w, a, b)
                 m_b, z_b = _online_lse_step(m_b, z_b, b)
             elif DIVERGENCE == REVERSE_KL:
-                m_new = tl.maximum(m_b, tl.max(b, 0))
-                m_ref = _safe_max(m_new)
-                e = tl.exp(b - m_ref)
-                rescale = tl.exp(m_b - m_ref)
-                w = w * rescale + tl.sum(tl.where(e > 0, e * (b - a), 0.0), 0)
-                z_b = z_b * rescale + tl.sum(e, 0)
-                m_b = m_new
+                m_b, z_b, w = _online_kl_step(m_b, z_b, w, b, a)
                 m_a, z_a = _online_lse_step(m_a, z_a, a)
             else:
                 m_a, z_a = _online_lse_step(m_a, z_a, a)
