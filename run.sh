@@ -24,7 +24,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     python -m pip install --quiet --upgrade pip
     # The extension builds against the installed torch, so torch comes first and the
     # package is built without build isolation (which would fetch a second torch).
-    python -m pip install --quiet "torch>=2.6" "setuptools>=68" wheel
+    python -m pip install --quiet "torch>=2.6" "setuptools>=77" wheel
     python -m pip install --quiet --no-build-isolation -e ".[test,train,plot]"
     echo "$digest" > "$stamp"
 fi
