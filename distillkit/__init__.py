@@ -7,10 +7,16 @@
 
 from . import reference
 from .functional import LossTerms, distill_loss, loss_terms
+from .fused_linear import fused_linear_distill_loss
 from .modules import DistillationLoss, SpanDistillationLoss
 from .spans import PAD_SPAN, Span
+from .teacher_cache import TeacherCache, TeacherCacheError, TopKBatch, write_teacher_cache
+from .topk import distill_loss_topk
+from .vocab import truncate_to_shared_vocab
 
 __version__ = "0.1.0"
 
 __all__ = ["distill_loss", "loss_terms", "LossTerms", "DistillationLoss", "SpanDistillationLoss",
+           "fused_linear_distill_loss", "distill_loss_topk", "truncate_to_shared_vocab",
+           "write_teacher_cache", "TeacherCache", "TopKBatch", "TeacherCacheError",
            "Span", "PAD_SPAN", "reference", "__version__"]

@@ -133,7 +133,7 @@ def test_random_shapes_and_options(lead, vocab, divergence, temperature, tempera
             f"{kind}: {result.describe()}; eager fp32 error {eager_err:.3e}; fp32 floor {fp32_floor[kind]:.3e}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
 def test_torch_compile_inductor(backend):
     """The default compiler (inductor) too: the op stays opaque, the O(tokens) code around it is fused."""
     student = torch.randn(4, 1271, requires_grad=True)

@@ -19,6 +19,8 @@ import torch
 _MODULES = {"triton": "triton_rows", "torch": "torch_rows", "cpu": "native_rows", "cuda": "native_rows"}
 
 
+# Constant for torch.compile: traced once, eagerly (the extension import cannot be traced).
+@torch.compiler.assume_constant_result
 def triton_usable(device: torch.device) -> bool:
     """Triton runs CUDA tensors, and CPU tensors only under TRITON_INTERPRET=1."""
     if device.type == "cuda":
@@ -26,6 +28,7 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 def native_usable(device: torch.device) -> bool:
     try:
         from .. import _ext
