@@ -22,6 +22,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
@@ -51,8 +52,22 @@ def occupancy(arch: int, registers: int, num_warps: int, shared: int) -> float:
     return round(blocks * num_warps / max_warps, 3)
 
 
-def shipped_specializations():
-    """(kernel name, constexprs, pointer dtypes) for every variant the launchers can use."""
+class Specialization(NamedTuple):
+    module: str  # under distillkit.kernels
+    kernel: str
+    constexprs: dict
+    pointer_dtypes: dict  # argument name -> Triton dtype, for the pointers whose dtype varies
+    num_warps: int
+
+    @property
+    def variant(self) -> str:
+        parts = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items()
+                 if k not in ("BLOCK_V",)]
+        parts += [f"{k.replace('_ptr', '')}={v}" for k, v in self.pointer_dtypes.items()]
+        return " ".join(parts)
+
+
+def _distill_specializations():
     from .backends.triton_rows import BACKWARD_CONFIG, FORWARD_CONFIG
 
     for kernel, config in (("distill_forward_kernel", FORWARD_CONFIG), ("distill_backward_kernel", BACKWARD_CONFIG)):
@@ -62,26 +77,48 @@ def shipped_specializations():
             for student_dtype, teacher_dtype in itertools.product(DTYPES, DTYPES):
                 if divergence == 0 and teacher_dtype != student_dtype:
                     continue  # the teacher is not read
-                yield kernel, dict(DIVERGENCE=divergence, WITH_CE=with_ce, BLOCK_V=config["BLOCK_V"]), \
-                    (student_dtype, teacher_dtype, config["num_warps"])
+                dtypes = {"student_ptr": student_dtype, "teacher_ptr": teacher_dtype}
+                if kernel == "distill_backward_kernel":
+                    dtypes["grad_ptr"] = student_dtype
+                yield Specialization("distill", kernel, dict(DIVERGENCE=divergence, WITH_CE=with_ce,
+                                                             BLOCK_V=config["BLOCK_V"]), dtypes, config["num_warps"])
 
 
-def _signature(fn, student_dtype: str, teacher_dtype: str, grad_dtype: str) -> dict:
+def _topk_specializations():
+    from .topk import BLOCK_K_SIZES, BLOCK_V, NUM_WARPS
+
+    for kernel in ("topk_forward_kernel", "topk_backward_kernel"):
+        for divergence, bucket, with_ce in itertools.product(range(3), (False, True), (False, True)):
+            if divergence == 0 and (bucket or not with_ce):
+                continue  # CE only: no bucket; nothing at all is never launched
+            for dtype, block_k in itertools.product(DTYPES, BLOCK_K_SIZES):
+                dtypes = {"student_ptr": dtype}
+                if kernel == "topk_backward_kernel":
+                    dtypes["grad_ptr"] = dtype
+                yield Specialization("topk", kernel, dict(DIVERGENCE=divergence, BUCKET=bucket, WITH_CE=with_ce,
+                                                          FULL_PASS=with_ce or bucket, BLOCK_V=BLOCK_V,
+                                                          BLOCK_K=block_k), dtypes, NUM_WARPS)
+
+
+def shipped_specializations() -> list[Specialization]:
+    """Every variant the launchers can use (they pick only from these block sizes and switches)."""
+    return [*_distill_specializations(), *_topk_specializations()]
+
+
+# Scalar arguments that are floats; every other non-pointer, non-constexpr argument is an i32.
+_FLOAT_ARGS = {"mix", "inv_temperature", "rest_floor"}
+# Pointer arguments that are not fp32 unless listed in a specialization's pointer_dtypes.
+_POINTER_DEFAULTS = {"labels_ptr": "i64", "ids_ptr": "i64"}
+
+
+def _signature(fn, spec: Specialization) -> dict:
     sig = {}
     for name in fn.arg_names:
-        if name in ("DIVERGENCE", "WITH_CE", "BLOCK_V"):
+        if name in spec.constexprs:
             sig[name] = "constexpr"
-        elif name == "student_ptr":
-            sig[name] = f"*{student_dtype}"
-        elif name == "teacher_ptr":
-            sig[name] = f"*{teacher_dtype}"
-        elif name == "grad_ptr":
-            sig[name] = f"*{grad_dtype}"
-        elif name == "labels_ptr":
-            sig[name] = "*i64"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32"
-        elif name in ("mix", "inv_temperature"):
+            sig[name] = "*" + spec.pointer_dtypes.get(name, _POINTER_DEFAULTS.get(name, "fp32"))
+        elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -101,33 +138,33 @@ def parse_resource_usage(text: str) -> list[tuple[str, int, int, int, int]]:
 
 
 def _compile_one(job) -> list[KernelResources]:
-    kernel, constexprs, (student_dtype, teacher_dtype, num_warps), arch = job
+    spec, arch = job
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import distill
-
-    fn = getattr(distill, kernel)
-    src = ASTSource(fn=fn, signature=_signature(fn, student_dtype, teacher_dtype, student_dtype),
-                    constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    fn = getattr(importlib.import_module(f"distillkit.kernels.{spec.module}"), spec.kernel)
+    src = ASTSource(fn=fn, signature=_signature(fn, spec), constexprs=spec.constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
-    variant = (f"div={constexprs['DIVERGENCE']} ce={int(constexprs['WITH_CE'])} "
-               f"s={student_dtype} t={teacher_dtype} block={constexprs['BLOCK_V']}")
-    return [KernelResources(name, variant, f"sm_{arch}", reg, local, stack, max(shared, compiled.metadata.shared),
-                            num_warps, occupancy(arch, reg, num_warps, max(shared, compiled.metadata.shared)))
-            for name, reg, stack, shared, local in parse_resource_usage(text)]
+    rows = []
+    for name, reg, stack, shared, local in parse_resource_usage(text):
+        shared = max(shared, compiled.metadata.shared)
+        rows.append(KernelResources(name, spec.variant, f"sm_{arch}", reg, local, stack, shared, spec.num_warps,
+                                    occupancy(arch, reg, spec.num_warps, shared)))
+    return rows
 
 
 def triton_report(workers: int | None = None) -> list[KernelResources]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the Triton report needs the compiler: unset TRITON_INTERPRET")
-    jobs = [(k, c, d, arch) for (k, c, d) in shipped_specializations() for arch in ARCHS]
+    jobs = [(spec, arch) for spec in shipped_specializations() for arch in ARCHS]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     if workers == 1:
         results = map(_compile_one, jobs)
@@ -161,10 +198,10 @@ def cuda_rows() -> tuple[list[KernelResources], str]:
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = f"{'kernel':<28} {'variant':<42} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps':>5} {'occ':>5}"
+    header = f"{'kernel':<28} {'variant':<52} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps':>5} {'occ':>5}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.kernel[:28]:<28} {r.variant[:42]:<42} {r.arch:<6} {r.registers:>4} {r.spill_bytes:>5} "
+        lines.append(f"{r.kernel[:28]:<28} {r.variant[:52]:<52} {r.arch:<6} {r.registers:>4} {r.spill_bytes:>5} "
                      f"{r.shared_bytes:>6} {r.num_warps:>5} {r.occupancy:>5.2f}")
     return "\n".join(lines)
 

@@ -25,7 +25,15 @@ from .reference_topk import REST_FLOOR, TAILS, TOPK_DIVERGENCES
 
 TOPK_DIVERGENCE_IDS = {"forward_kl": 1, "reverse_kl": 2}
 CHUNK_BYTES = 64 * 2**20  # fp32 temporaries of the torch backend per chunk of rows
+# The shipped specializations (compiled ahead of time by `distillkit kernels`): one vocabulary block,
+# and the top-k entries padded to one of BLOCK_K_SIZES.
 BLOCK_V = 4096
+BLOCK_K_SIZES = (64, 256, 1024)
+NUM_WARPS = 8
+
+
+def block_k(k: int) -> int:
+    return next(size for size in BLOCK_K_SIZES if k <= size)
 
 
 # -- teacher preprocessing (O(N K), plain tensor ops) ------------------------------------------------
@@ -160,8 +168,6 @@ def _torch_backward(grad_div, grad_ce, student, ids, tlp, trest, labels, stats, 
 def _triton_launch(kernel_name, pre, student, ids, tlp, trest, labels, post, divergence, bucket, temperature,
                    ignore_index, with_ce):
     """Launch one program per row; `pre`/`post` are the kernel's tensor arguments before/after the inputs."""
-    import triton
-
     from .backends._rows import as_rows, flat_labels
     from .kernels import topk as K
 
@@ -171,13 +177,12 @@ def _triton_launch(kernel_name, pre, student, ids, tlp, trest, labels, post, div
         return
     s = as_rows(student)
     getattr(K, kernel_name)[(n_rows,)](
-        *pre, s.tensor, ids.reshape(-1, k).contiguous(), tlp.reshape(-1, k).contiguous(),
+        *pre, s.tensor, ids.reshape(-1, k).long().contiguous(), tlp.reshape(-1, k).float().contiguous(),
         trest.reshape(-1).contiguous(), flat_labels(labels, student), *post, *s.addressing,
         vocab, k, 1.0 / temperature, ignore_index, REST_FLOOR,
         DIVERGENCE=divergence, BUCKET=bool(bucket and divergence), WITH_CE=with_ce,
         FULL_PASS=bool(with_ce or (bucket and divergence)),
-        BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)), BLOCK_K=max(2, triton.next_power_of_2(k)),
-        num_warps=8)
+        BLOCK_V=BLOCK_V, BLOCK_K=block_k(k), num_warps=NUM_WARPS)
 
 
 # -- custom ops --------------------------------------------------------------------------------------
@@ -332,6 +337,9 @@ def distill_loss_topk(
         if ids.dim() == 0 or ids.shape[:-1] != lead or logprobs.shape != ids.shape:
             raise ValueError(f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs "
                              f"{tuple(logprobs.shape)} must both be {tuple(lead)} + (K,)")
+        if ids.shape[-1] > BLOCK_K_SIZES[-1]:
+            raise ValueError(f"teacher_topk_ids has K={ids.shape[-1]} entries per token; at most "
+                             f"{BLOCK_K_SIZES[-1]} are supported")
         if ids.device != device or logprobs.device != device:
             raise ValueError(f"the top-k tensors must be on {device}, like student_logits")
         if check_labels and not torch.compiler.is_compiling() and bool((ids >= vocab).any()):
