@@ -100,9 +100,26 @@ def _topk_specializations():
                                                           BLOCK_K=block_k), dtypes, NUM_WARPS)
 
 
+def _vocab_parallel_specializations():
+    from .parallel import SHARD_BACKWARD_CONFIG, SHARD_TERMS_CONFIG
+
+    for student_dtype, teacher_dtype in itertools.product(DTYPES, DTYPES):
+        dtypes = {"student_ptr": student_dtype, "teacher_ptr": teacher_dtype}
+        for divergence in range(3, 7):  # the second pass exists for the mixture divergences only
+            yield Specialization("vocab_parallel", "shard_terms_kernel",
+                                 dict(DIVERGENCE=divergence, BLOCK_V=SHARD_TERMS_CONFIG["BLOCK_V"]), dtypes,
+                                 SHARD_TERMS_CONFIG["num_warps"])
+        for divergence, with_ce in itertools.product(range(7), (False, True)):
+            if divergence == 0 and (teacher_dtype != student_dtype or not with_ce):
+                continue
+            yield Specialization("vocab_parallel", "shard_backward_kernel",
+                                 dict(DIVERGENCE=divergence, WITH_CE=with_ce, BLOCK_V=SHARD_BACKWARD_CONFIG["BLOCK_V"]),
+                                 {**dtypes, "grad_ptr": student_dtype}, SHARD_BACKWARD_CONFIG["num_warps"])
+
+
 def shipped_specializations() -> list[Specialization]:
     """Every variant the launchers can use (they pick only from these block sizes and switches)."""
-    return [*_distill_specializations(), *_topk_specializations()]
+    return [*_distill_specializations(), *_topk_specializations(), *_vocab_parallel_specializations()]
 
 
 # Scalar arguments that are floats; every other non-pointer, non-constexpr argument is an i32.

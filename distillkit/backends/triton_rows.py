@@ -11,8 +11,8 @@ from ..kernels import distill as K
 from ._rows import as_rows, flat_labels, row_outputs
 
 # One program streams a row in blocks of BLOCK_V: 4096 fp32 lanes over 8 warps is
-# 16 elements per thread per tensor, which keeps every variant spill-free (at most 128
-# registers on sm_80/sm_90, `distillkit kernels`). One block size for every V: these
+# 16 elements per thread per tensor, which keeps every variant spill-free on sm_80/sm_90
+# (`distillkit kernels` prints the registers of each). One block size for every V: these
 # configs are exactly the specializations compiled ahead of time in the tests.
 FORWARD_CONFIG = {"BLOCK_V": 4096, "num_warps": 8}
 BACKWARD_CONFIG = {"BLOCK_V": 4096, "num_warps": 8}

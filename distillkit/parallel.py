@@ -1,0 +1,473 @@
+"""Vocabulary-parallel distillation loss: logits sharded along the vocabulary across a process group.
+
+    # rank r holds the logits of ids [vocab_start, vocab_start + V_r) (e.g. a column-parallel LM head)
+    loss = distillkit.parallel.distill_loss_vocab_parallel(
+        student_shard, teacher_shard, labels, process_group=tp_group, vocab_start=start,
+        divergence="forward_kl", temperature=2.0, kl_weight=0.5, ce_weight=0.5)
+    loss.backward()   # student_shard.grad: this rank's slice of the full-vocabulary gradient
+
+No rank ever holds the full vocabulary. Everything that is not a logit is REPLICATED: the rows
+(leading shape), labels (global ids), per-token weights and the normalizer are the same on every
+rank of the group, and so is the returned loss.
+
+How (docs/DISTRIBUTED.md has the derivation):
+
+1. Each rank runs the core forward op (``torch.ops.distillkit.distill_rows``) on its shard: the
+   shard's log-normalizers lse_t_r, lse_s_r (at T) and lse1_r (at 1), and for the KLs the shard's
+   own divergence div_r; it gathers the target logit when the label falls in its shard.
+2. One MAX all-reduce of the per-row lse's, one SUM all-reduce of exp(lse_r - max), the KL
+   accumulator exp(lse_r - max) * (div_r + lse_r - lse'_r), the target logit and an in-shard flag:
+   this gives the global LSE's, D (forward/reverse KL), ce and which labels are valid.
+3. jsd / skew / tvd need p and q normalized globally: a second pass over the shard
+   (kernels/vocab_parallel.py, or torch) gives sum d and sum h per row, then one more SUM all-reduce.
+4. Backward needs no communication: the loss is a function of the (replicated) per-row D and ce,
+   so every rank receives the same grad_div / grad_ce and writes the gradient of its own shard from
+   the GLOBAL stats (lse_t, lse_s, c, lse1) saved by the forward.
+
+Per token this all-reduces 4 * (#lse + #sums) bytes: 36 bytes for a KL + CE, 40 for a mixture
+divergence + CE (``bytes_all_reduced_per_token``). No host-device synchronization, except the
+optional label check (``check_labels=False`` skips it) and the default ``vocab_start`` (pass it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _checks, backends
+from . import ops  # noqa: F401  (registers torch.ops.distillkit.*)
+from ._checks import DIVERGENCE_IDS, NO_DIVERGENCE, Weight
+from ._reduce import weigh_and_reduce
+from .backends._rows import as_rows
+from .backends.torch_rows import _chunks, divergence_terms
+from .functional import LossTerms, _is_literal_zero
+
+__all__ = ["distill_loss_vocab_parallel", "vocab_parallel_loss_terms", "vocab_shard_range", "replicated_input",
+           "bytes_all_reduced_per_token"]
+
+_FORWARD_KL = DIVERGENCE_IDS["forward_kl"]
+_REVERSE_KL = DIVERGENCE_IDS["reverse_kl"]
+_NEG_INF = float("-inf")
+
+# The shard kernels stream a row in blocks like the core kernels (backends/triton_rows.py).
+SHARD_TERMS_CONFIG = {"BLOCK_V": 4096, "num_warps": 8}
+SHARD_BACKWARD_CONFIG = {"BLOCK_V": 4096, "num_warps": 8}
+
+
+# -- layout and groups ----------------------------------------------------------------------------
+
+def vocab_shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's shard in the torch.chunk / DTensor ``Shard(-1)`` layout: ceil(V/P) ids per
+    rank, the last ranks smaller (possibly empty). Any other layout works too: pass its vocab_start."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a group of {world_size}")
+    chunk = -(-vocab_size // world_size)
+    start = min(rank * chunk, vocab_size)
+    return start, min(start + chunk, vocab_size)
+
+
+def _group(process_group):
+    """(group, rank, world size); a world of 1 when torch.distributed is not initialized and no group is given."""
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None, 0, 1
+        process_group = dist.group.WORLD
+    return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+_VOCAB_STARTS: dict = {}
+
+
+def _default_vocab_start(group, rank: int, world: int, shard_size: int) -> int:
+    """Prefix sum of the shard sizes, all-gathered once per (group, shard size) and cached.
+
+    The gather is a host-level collective (a device sync with NCCL). The cache assumes the group's
+    layout never changes; a rank whose size changed while another's did not would desynchronize the
+    collectives, so pass vocab_start explicitly whenever the layout is not fixed."""
+    if world == 1:
+        return 0
+    key = (id(group), rank, shard_size)
+    hit = _VOCAB_STARTS.get(key)
+    if hit is None:
+        sizes: list = [None] * world
+        dist.all_gather_object(sizes, shard_size, group=group)
+        hit = (group, sum(sizes[:rank]))  # the group is kept alive so that its id is not reused
+        _VOCAB_STARTS[key] = hit
+    return hit[1]
+
+
+def _all_reduce(x: torch.Tensor, op, group, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def bytes_all_reduced_per_token(divergence: Optional[str], with_ce: bool) -> int:
+    """fp32 bytes the forward all-reduces per row (the backward all-reduces nothing); divergence None
+    means no divergence term (CE only)."""
+    n_max = (2 if divergence else 0) + (1 if with_ce else 0)
+    n_sum = (2 if divergence else 0) + (3 if with_ce else 0)
+    if divergence in ("forward_kl", "reverse_kl"):
+        n_sum += 1
+    elif divergence:
+        n_sum += 2  # second pass: sum d, sum h
+    return 4 * (n_max + n_sum)
+
+
+# -- shard kernels (triton or torch) --------------------------------------------------------------
+
+def _shard_impl(backend: str) -> str:
+    """The implementation of the two shard passes: Triton next to the triton/cuda backends, else torch."""
+    return "triton" if backend in ("triton", "cuda") else "torch"
+
+
+def _shard_terms(impl, student, teacher, stats, div_id, mix, temperature, div_vocab):
+    """Per row (sum d, sum h) over the shard's first div_vocab ids with the global normalizers in stats."""
+    lead = student.shape[:-1]
+    n_rows = stats[..., 0].numel()
+    d = torch.zeros(lead, dtype=torch.float32, device=student.device)
+    h = torch.zeros(lead, dtype=torch.float32, device=student.device)
+    if n_rows == 0 or div_vocab == 0:
+        return d, h
+    if impl == "triton":
+        from .kernels import vocab_parallel as K
+
+        s, t = as_rows(student), as_rows(teacher)
+        K.shard_terms_kernel[(n_rows,)](
+            s.tensor, t.tensor, stats.contiguous(), d, h, *s.addressing, *t.addressing,
+            div_vocab, float(mix), 1.0 / temperature, DIVERGENCE=div_id,
+            BLOCK_V=SHARD_TERMS_CONFIG["BLOCK_V"], num_warps=SHARD_TERMS_CONFIG["num_warps"])
+        return d, h
+    s2 = student.reshape(-1, student.shape[-1])[:, :div_vocab]
+    t2 = teacher.reshape(-1, teacher.shape[-1])[:, :div_vocab]
+    st, d2, h2 = stats.reshape(-1, 4), d.view(-1), h.view(-1)
+    for rows in _chunks(n_rows, div_vocab):
+        log_p = t2[rows].float() / temperature - st[rows, 0:1]
+        log_q = s2[rows].float() / temperature - st[rows, 1:2]
+        dd, hh = divergence_terms(log_p, log_q, log_p.exp(), log_q.exp(), mix, div_id)
+        d2[rows], h2[rows] = dd.sum(-1), hh.sum(-1)
+    return d, h
+
+
+def _shard_backward(impl, grad_div, grad_ce, student, teacher, local_labels, stats, div_id, mix, temperature,
+                    with_ce, div_vocab):
+    """grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y_local)) on the shard, global stats;
+    grad_ce is already 0 where the (global) label is not valid, local labels outside [0, V_r) have no one-hot."""
+    vocab = student.shape[-1]
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    n_rows = grad_div.numel()
+    if n_rows == 0 or vocab == 0:
+        return grad
+    gd = grad_div.reshape(-1).float().contiguous()
+    gc = grad_ce.reshape(-1).float().contiguous()
+    if impl == "triton":
+        from .kernels import vocab_parallel as K
+
+        s = as_rows(student)
+        t = as_rows(teacher) if div_id != NO_DIVERGENCE else s
+        block = SHARD_BACKWARD_CONFIG["BLOCK_V"]
+        labels = local_labels.reshape(-1) if with_ce else torch.empty(0, dtype=torch.int64, device=student.device)
+        K.shard_backward_kernel[(n_rows, -(-vocab // block))](
+            gd, gc, s.tensor, t.tensor, labels, stats.contiguous(), grad, *s.addressing, *t.addressing,
+            vocab, div_vocab, float(mix), 1.0 / temperature, DIVERGENCE=div_id, WITH_CE=with_ce, BLOCK_V=block,
+            num_warps=SHARD_BACKWARD_CONFIG["num_warps"])
+        return grad
+    g2, s2 = grad.view(-1, vocab), student.reshape(-1, vocab)
+    t2 = teacher.reshape(-1, teacher.shape[-1])[:, :div_vocab] if div_id != NO_DIVERGENCE else None
+    st = stats.reshape(-1, 4)
+    y2 = local_labels.reshape(-1) if with_ce else None
+    for rows in _chunks(n_rows, vocab):
+        s = s2[rows].float()
+        out = torch.zeros_like(s)
+        if div_id != NO_DIVERGENCE and div_vocab > 0:
+            log_p = t2[rows].float() / temperature - st[rows, 0:1]
+            log_q = s[:, :div_vocab] / temperature - st[rows, 1:2]
+            p, q = log_p.exp(), log_q.exp()
+            if div_id == _FORWARD_KL:
+                d_db = q - p
+            else:
+                _, h = divergence_terms(log_p, log_q, p, q, mix, div_id)
+                d_db = h - q * st[rows, 2:3]
+            out[:, :div_vocab] += torch.where(gd[rows, None] != 0, (gd[rows, None] / temperature) * d_db, 0.0)
+        if with_ce:
+            y = y2[rows]
+            here = (y >= 0) & (y < vocab)
+            onehot = torch.zeros_like(s)
+            onehot.scatter_(-1, torch.where(here, y, 0)[:, None], here.float()[:, None])
+            g_ce = gc[rows, None]
+            out += torch.where(g_ce != 0, g_ce * ((s - st[rows, 3:4]).exp() - onehot), 0.0)
+        g2[rows] = out.to(grad.dtype)
+    return grad
+
+
+# -- the autograd function ------------------------------------------------------------------------
+
+class _VocabParallelRows(torch.autograd.Function):
+    """(student shard, teacher shard, global labels) -> global per-row (D, ce, valid label), replicated."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, group, world, vocab_start, div_id, mix, temperature, ignore_index,
+                with_ce, div_vocab, backend):
+        lead, vocab, dev = student.shape[:-1], student.shape[-1], student.device
+        with_div = div_id != NO_DIVERGENCE
+        zeros = torch.zeros(lead, dtype=torch.float32, device=dev)
+
+        local = None
+        if with_ce:
+            labels = labels.long()
+            in_shard = (labels != ignore_index) & (labels >= vocab_start) & (labels < vocab_start + vocab)
+            # Out-of-shard (or ignored) labels become -1: outside [0, V_r), so the shard's one-hot is empty.
+            local = torch.where(in_shard, labels - vocab_start, -1)
+            if vocab > 0:
+                target = student.gather(-1, local.clamp_min(0).unsqueeze(-1)).squeeze(-1).float()
+                target = torch.where(in_shard, target, 0.0)
+            else:
+                target = zeros
+
+        # 1. Shard statistics from the core op. The mixture divergences only need the shard's normalizers
+        #    here, which the forward-KL variant computes in one online pass (their D comes in step 3).
+        #    An empty shard (or an empty shared part under "truncate") contributes lse = -inf.
+        run_div, run_ce = with_div and div_vocab > 0, with_ce and vocab > 0
+        local_div_id = div_id if div_id in (NO_DIVERGENCE, _FORWARD_KL, _REVERSE_KL) else _FORWARD_KL
+        div_r, stats_r = zeros, torch.full((*lead, 4), _NEG_INF, dtype=torch.float32, device=dev)
+        if run_div or run_ce:
+            div_r, _, stats_op = torch.ops.distillkit.distill_rows(
+                student, teacher if run_div else None, local if run_ce else None,
+                local_div_id if run_div else NO_DIVERGENCE, float(mix), float(temperature), int(ignore_index),
+                run_ce, div_vocab if run_div else vocab, backend)
+            if run_div:
+                stats_r[..., :2] = stats_op[..., :2]
+            if run_ce:
+                stats_r[..., 3] = stats_op[..., 3]
+
+        # 2. MAX then SUM all-reduce of the per-row partials.
+        lse_cols = ([stats_r[..., 0], stats_r[..., 1]] if with_div else []) + ([stats_r[..., 3]] if with_ce else [])
+        lse_a = lse_b = lse1 = c = zeros
+        div, ce = zeros.clone(), zeros.clone()  # two distinct outputs even when both are 0
+        valid = torch.zeros(lead, dtype=torch.bool, device=dev)
+        if lse_cols:
+            lse_local = torch.stack(lse_cols, -1)
+            lse_max = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX, group, world)
+            lse_ref = torch.where(lse_max == _NEG_INF, 0.0, lse_max)  # exp(-inf - -inf) would be NaN
+            weight = torch.exp(lse_local - lse_ref)  # exp(lse_r - max): this shard's share of exp(LSE)
+            sum_cols = [weight]
+            if div_id in (_FORWARD_KL, _REVERSE_KL):
+                # Shard KL with its own normalizers: div_r = sum_r p_r (x - y) - lse_x_r + lse_y_r (x = a, y = b
+                # for forward, swapped for reverse), so sum_r p_r (x - y) = div_r + lse_x_r - lse_y_r.
+                i_x, i_y = (0, 1) if div_id == _FORWARD_KL else (1, 0)
+                lse_x, lse_y = lse_local[..., i_x], lse_local[..., i_y]
+                # A shard whose y side is all -inf while x has mass: the core kernel's div_r is NaN (inf - inf);
+                # the true term is +inf.
+                inner = torch.where(lse_y == _NEG_INF, float("inf"), div_r + lse_x - lse_y)
+                w_x = weight[..., i_x]
+                sum_cols.append(torch.where(w_x > 0, w_x * inner, 0.0).unsqueeze(-1))
+            if with_ce:
+                sum_cols.append(torch.stack([target, in_shard.float()], -1))
+            sums = _all_reduce(torch.cat(sum_cols, -1), dist.ReduceOp.SUM, group, world)
+            lse_global = lse_ref + torch.log(sums[..., :len(lse_cols)])
+            k = len(lse_cols)
+            if with_div:
+                lse_a, lse_b = lse_global[..., 0], lse_global[..., 1]
+                if div_id in (_FORWARD_KL, _REVERSE_KL):
+                    z_x = sums[..., i_x]
+                    div = sums[..., k] / z_x - lse_global[..., i_x] + lse_global[..., i_y]
+                    c = torch.full_like(div, -1.0) if div_id == _FORWARD_KL else div
+                    k += 1
+            if with_ce:
+                lse1 = lse_global[..., -1]
+                valid = sums[..., k + 1] > 0.5
+                ce = torch.where(valid, lse1 - sums[..., k], 0.0)
+
+        stats = torch.stack([lse_a, lse_b, c, lse1], -1).contiguous()
+        impl = _shard_impl(backend)
+        if with_div and div_id not in (_FORWARD_KL, _REVERSE_KL):
+            # 3. Mixture divergences: sum d, sum h over the shard with the global normalizers.
+            d, h = _shard_terms(impl, student, teacher, stats, div_id, mix, temperature, div_vocab)
+            dh = _all_reduce(torch.stack([d, h], -1), dist.ReduceOp.SUM, group, world)
+            div = dh[..., 0]
+            stats = torch.stack([lse_a, lse_b, dh[..., 1], lse1], -1).contiguous()
+
+        ctx.save_for_backward(student, teacher if with_div else None, local, stats, valid)
+        ctx.options = (div_id, mix, temperature, ignore_index, with_ce, div_vocab, backend, impl)
+        ctx.mark_non_differentiable(valid)
+        return div.contiguous(), ce.contiguous(), valid
+
+    @staticmethod
+    def backward(ctx, grad_div, grad_ce, _grad_valid):
+        nones = (None,) * 12
+        if not ctx.needs_input_grad[0]:
+            return (None, *nones)
+        student, teacher, local, stats, valid = ctx.saved_tensors
+        div_id, mix, temperature, ignore_index, with_ce, div_vocab, backend, impl = ctx.options
+        zeros = torch.zeros_like(stats[..., 0])
+        grad_div = zeros if grad_div is None else grad_div
+        grad_ce = zeros if grad_ce is None else grad_ce
+        if student.shape[-1] == 0:
+            grad = torch.empty_like(student)
+        elif not with_ce and div_vocab > 0:
+            # Divergence only: the core backward is shard-local once it has the global stats.
+            grad = torch.ops.distillkit.distill_rows_backward(
+                grad_div, zeros, student, teacher, None, stats, div_id, float(mix), float(temperature),
+                int(ignore_index), False, div_vocab, backend)
+        else:
+            # The core backward drops the CE gradient of a row whose label is out of range, i.e. in another
+            # shard, where this shard still needs grad_ce * softmax(s): the shard backward takes the validity
+            # of the global label through grad_ce and uses the local label for the one-hot only.
+            grad_ce = torch.where(valid, grad_ce.float(), 0.0)
+            grad = _shard_backward(impl, grad_div, grad_ce, student, teacher, local, stats, div_id, mix,
+                                   temperature, with_ce, div_vocab)
+        return (grad, *nones)
+
+
+@torch.compiler.disable
+def _rows(student, teacher, labels, group, world, vocab_start, div_id, mix, temperature, ignore_index, with_ce,
+          div_vocab, backend):
+    return _VocabParallelRows.apply(student, teacher, labels, group, world, vocab_start, div_id, mix, temperature,
+                                    ignore_index, with_ce, div_vocab, backend)
+
+
+# -- public API -----------------------------------------------------------------------------------
+
+def vocab_parallel_loss_terms(
+    student_shard: torch.Tensor,
+    teacher_shard: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor] = None,
+    *,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    check_labels: bool = True,
+    with_divergence: bool = True,
+    with_ce: Optional[bool] = None,
+    vocab_mismatch: str = "error",
+) -> LossTerms:
+    """Per-token (global) divergence, cross-entropy and valid-label mask from vocabulary shards; the
+    vocabulary-parallel counterpart of :func:`distillkit.loss_terms` (same arguments, plus
+    process_group / vocab_start as in :func:`distill_loss_vocab_parallel`). Replicated on every rank."""
+    _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                          reduction="none", backend=backend)
+    _checks.check_pair(student_shard, teacher_shard if with_divergence else None, vocab_mismatch)
+    _checks.check_labels(labels, student_shard)
+    if with_divergence and teacher_shard is None:
+        raise ValueError("teacher_shard is None: pass teacher logits, or kl_weight=0.0 for a CE-only loss")
+    with_ce = labels is not None if with_ce is None else with_ce
+    if with_ce and labels is None:
+        raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
+    group, rank, world = _group(process_group)
+    shard_size = student_shard.shape[-1]
+    if vocab_start is None:
+        vocab_start = _default_vocab_start(group, rank, world, shard_size)
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise TypeError(f"vocab_start must be a Python int >= 0 (the global id of this shard's first column); "
+                        f"got {vocab_start!r}")
+
+    resolved = backends.resolve(backend, student_shard.device)
+    div_id = DIVERGENCE_IDS[divergence] if with_divergence else NO_DIVERGENCE
+    mix = beta if divergence == "jsd" else skew
+    div_vocab = min(shard_size, teacher_shard.shape[-1]) if with_divergence else shard_size
+    div, ce, valid = _rows(student_shard, teacher_shard.detach() if with_divergence else None,
+                           labels if with_ce else None, group, world, vocab_start, div_id, float(mix),
+                           float(temperature), int(ignore_index), bool(with_ce), div_vocab, resolved)
+    if labels is None:
+        return LossTerms(div, ce, None)
+    if not with_ce:
+        # No CE pass ran, so validity is unknown: it only matters for the "mean" count, where CE is off anyway.
+        valid = labels != ignore_index
+    elif check_labels and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ~valid
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0]
+            raise ValueError(
+                f"labels contains {int(first)}, which is neither ignore_index={ignore_index} nor in any rank's "
+                "vocabulary shard; pass check_labels=False to skip this check (such labels then count as ignored)")
+    return LossTerms(div, ce, valid)
+
+
+def distill_loss_vocab_parallel(
+    student_shard: torch.Tensor,
+    teacher_shard: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor] = None,
+    *,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    temperature_scaling: bool = True,
+    kl_weight: Weight = 1.0,
+    ce_weight: Weight = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer=None,
+    backend: str = "auto",
+    check_labels: bool = True,
+    vocab_mismatch: str = "error",
+) -> torch.Tensor:
+    """:func:`distillkit.distill_loss` over logits sharded along the vocabulary across ``process_group``.
+
+    Args:
+        student_shard: [..., V_r] this rank's slice of the student logits (shards may differ in size and
+            may be empty); receives the gradient of its slice.
+        teacher_shard: [..., V_r] the same slice of the teacher logits (constant). Under
+            vocab_mismatch="truncate" it may be narrower: the divergence covers, on each rank, the first
+            min(V_r, V_teacher_r) ids of the shard (with padding on the last rank, as usual, that is the
+            global truncation to the shared first ids); CE keeps every student id.
+        labels: [...] GLOBAL label ids, identical on every rank (as are the weights and normalizer).
+        process_group: the ranks that share the rows (a tensor-parallel group); default the world group.
+            Without torch.distributed initialized and no group, it is the single-process loss.
+        vocab_start: global id of this shard's first column. Pass it (e.g. from
+            :func:`vocab_shard_range`): without it the shard sizes are all-gathered on the first call
+            (a host-level collective) and cached per (group, shard size), which assumes a fixed layout.
+        The other arguments are those of :func:`distillkit.distill_loss`.
+    Returns:
+        The loss (float32), identical on every rank. Backward on every rank (it needs no communication)
+        writes each rank's slice of the gradient; a replicated input of the logits (the hidden state of a
+        column-parallel LM head) must sum its gradient over the group: see :func:`replicated_input`.
+    """
+    _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                          reduction=reduction, backend=backend)
+    _checks.check_logits("student_logits", student_shard)
+    lead_shape = student_shard.shape[:-1]
+    _checks.check_weight("kl_weight", kl_weight, lead_shape, student_shard.device)
+    _checks.check_weight("ce_weight", ce_weight, lead_shape, student_shard.device)
+    _checks.check_normalizer(normalizer)
+    if labels is None and not _is_literal_zero(ce_weight):
+        raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
+    terms = vocab_parallel_loss_terms(
+        student_shard, teacher_shard, labels, process_group=process_group, vocab_start=vocab_start,
+        divergence=divergence, beta=beta, skew=skew, temperature=temperature, ignore_index=ignore_index,
+        backend=backend, check_labels=check_labels, vocab_mismatch=vocab_mismatch,
+        with_divergence=not _is_literal_zero(kl_weight),
+        with_ce=labels is not None and not _is_literal_zero(ce_weight))
+    return weigh_and_reduce(*terms, kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
+                            temperature_scaling=temperature_scaling, reduction=reduction, normalizer=normalizer)
+
+
+# -- composition with a column-parallel LM head ---------------------------------------------------
+
+class _ReplicatedInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, world):
+        ctx.group, ctx.world = group, world
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        return _all_reduce(grad, dist.ReduceOp.SUM, ctx.group, ctx.world), None, None
+
+
+def replicated_input(x: torch.Tensor, process_group=None) -> torch.Tensor:
+    """Identity forward; all-reduce (sum) of the gradient in backward, so that a tensor replicated across
+    the group (the hidden state entering a column-parallel LM head) gets the gradient of every shard's
+    logits (Megatron's "copy to tensor-parallel region"). DTensor's ColwiseParallel does this itself."""
+    group, _, world = _group(process_group)
+    return _ReplicatedInput.apply(x, group, world)

@@ -1,0 +1,113 @@
+"""Triton kernels of the vocabulary-parallel loss (pure Triton: no allocation, no autograd, no collectives).
+
+Each rank holds the logits of a slice of the vocabulary. The per-row statistics of one
+shard (max, sum of exponentials, the KL accumulators) come from the core forward kernel
+(kernels/distill.py); the two kernels here are the parts that need the GLOBAL
+per-row log-normalizers, which the caller all-reduces first (docs/DISTRIBUTED.md):
+
+- ``shard_terms_kernel``: for the mixture divergences (jsd, skew, tvd), the sums over the
+  shard of d_j and h_j with p and q normalized globally:
+  D = sum over ranks of sum d, c = sum over ranks of sum h. One pass over s and t (2 units).
+- ``shard_backward_kernel``: the student gradient of the shard,
+  grad_s = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), with the global
+  stats. It is the core backward kernel with one difference: whether a row carries a CE
+  gradient is decided by the caller (grad_ce is already 0 where the label is ignored or
+  lies outside the global vocabulary), and the label is a shard-local id that is simply out
+  of [0, vocab_size) when the target lies in another rank's shard. The core kernel treats an
+  out-of-range label as ignored (no CE gradient at all), which would drop the softmax(s)
+  term on every rank but the label's owner.
+
+Stats rows follow the core layout: (lse(t/T), lse(s/T), c, lse(s)), here global values.
+"""
+
+import triton
+import triton.language as tl
+
+from .distill import FORWARD_KL, NONE, NUM_STATS, _divergence_terms, _row_offset
+
+
+@triton.jit
+def shard_terms_kernel(
+    student_ptr, teacher_ptr, stats_ptr, d_ptr, h_ptr,
+    s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
+    div_vocab_size, mix, inv_temperature,
+    DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One program per row: sum_j d_j and sum_j h_j over the shard's first div_vocab_size ids,
+    with log p = t/T - LSE_t and log q = s/T - LSE_s from the global stats."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
+    t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
+    cols = tl.arange(0, BLOCK_V)
+    NEG_INF: tl.constexpr = float("-inf")
+    stats_row = stats_ptr + row * NUM_STATS
+    lse_a = tl.load(stats_row + 0)
+    lse_b = tl.load(stats_row + 1)
+    d_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
+    h_sum = d_sum
+    for start in range(0, div_vocab_size, BLOCK_V):
+        offs = start + cols
+        in_row = offs < div_vocab_size
+        a = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
+        b = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
+        log_p = a - lse_a
+        log_q = b - lse_b
+        d, h = _divergence_terms(log_p, log_q, tl.exp(log_p), tl.exp(log_q), mix, DIVERGENCE)
+        d_sum += tl.sum(tl.where(in_row, d, 0.0), 0)
+        h_sum += tl.sum(tl.where(in_row, h, 0.0), 0)
+    tl.store(d_ptr + row, d_sum)
+    tl.store(h_ptr + row, h_sum)
+
+
+@triton.jit
+def shard_backward_kernel(
+    grad_div_ptr, grad_ce_ptr, student_ptr, teacher_ptr, labels_ptr, stats_ptr, grad_ptr,
+    s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
+    vocab_size, div_vocab_size, mix, inv_temperature,
+    DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Grid (rows, vocabulary blocks): the shard's slice of
+    grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), in the student dtype.
+    grad_ce is 0 on rows without a valid label; labels holds shard-local ids (any value outside
+    [0, vocab_size) when the label is in another shard: the one-hot is then empty)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_row = offs < vocab_size
+    g_div = tl.load(grad_div_ptr + row)
+    g_ce = g_div * 0.0
+    label = row * 0 - 1
+    if WITH_CE:
+        g_ce = tl.load(grad_ce_ptr + row)
+        label = tl.load(labels_ptr + row)
+    grad_row = grad_ptr + row * vocab_size
+    out_dtype = grad_ptr.dtype.element_ty
+
+    if (g_div == 0) & (g_ce == 0):
+        tl.store(grad_row + offs, tl.zeros([BLOCK_V], tl.float32).to(out_dtype), mask=in_row)
+    else:
+        NEG_INF: tl.constexpr = float("-inf")
+        s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
+        stats_row = stats_ptr + row * NUM_STATS
+        s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+        grad = tl.zeros([BLOCK_V], tl.float32)
+        if DIVERGENCE != NONE:
+            if g_div != 0:
+                t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
+                in_div = offs < div_vocab_size
+                a = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32) * inv_temperature
+                log_p = a - tl.load(stats_row + 0)
+                log_q = tl.where(in_div, s, NEG_INF) * inv_temperature - tl.load(stats_row + 1)
+                p = tl.exp(log_p)
+                q = tl.exp(log_q)
+                if DIVERGENCE == FORWARD_KL:
+                    d_db = q - p
+                else:
+                    _, h = _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE)
+                    d_db = h - q * tl.load(stats_row + 2)
+                grad += (g_div * inv_temperature) * d_db
+        if WITH_CE:
+            if g_ce != 0:
+                softmax_s = tl.exp(s - tl.load(stats_row + 3))
+                onehot = tl.where(offs == label, 1.0, 0.0)
+                grad += g_ce * (softmax_s - onehot)
+        tl.store(grad_row + offs, tl.where(in_row, grad, 0.0).to(out_dtype), mask=in_row)
