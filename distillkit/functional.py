@@ -93,6 +93,8 @@ def distill_loss(
     backend: str = "auto",
     check_labels: bool = True,
     vocab_mismatch: str = "error",
+    process_group=None,
+    vocab_start: Optional[int] = None,
 ) -> torch.Tensor:
     """Fused knowledge-distillation loss between student and teacher logits.
 
@@ -117,9 +119,21 @@ def distill_loss(
         vocab_mismatch: "error" (default) when the vocabulary sizes differ, or "truncate": the divergence
             compares the distributions over the shared first min(V_student, V_teacher) ids (the extra ids
             get probability 0 on both sides) while CE keeps the student's whole vocabulary.
+        process_group: the logits are this rank's shard of the vocabulary across the group (tensor
+            parallel); see distillkit.parallel.distill_loss_vocab_parallel. vocab_start is the shard's first
+            id (pass it: otherwise the shard sizes are gathered once per group, a host-level collective).
     Returns:
         The loss in float32 (float64 for float64 inputs on the torch backend).
     """
+    if process_group is not None:
+        from .parallel import distill_loss_vocab_parallel
+
+        return distill_loss_vocab_parallel(
+            student_logits, teacher_logits, labels, process_group=process_group, vocab_start=vocab_start,
+            divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+            temperature_scaling=temperature_scaling, kl_weight=kl_weight, ce_weight=ce_weight,
+            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, backend=backend,
+            check_labels=check_labels, vocab_mismatch=vocab_mismatch)
     _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                           reduction=reduction, backend=backend)
     _checks.check_logits("student_logits", student_logits)

@@ -196,8 +196,10 @@ def _lm_head_worker(rank, world):
     h_par = hidden.clone().requires_grad_()
     w_par = weight[start:stop].clone().requires_grad_()
     logits = replicated_input(h_par) @ w_par.T
-    loss = distill_loss_vocab_parallel(logits, teacher[:, start:stop], labels, divergence="jsd", temperature=2.0,
-                                       kl_weight=0.5, ce_weight=0.5, backend="torch")  # vocab_start gathered
+    # Through the public entry point: distill_loss(process_group=...) (vocab_start gathered).
+    loss = distillkit.distill_loss(logits, teacher[:, start:stop], labels, divergence="jsd", temperature=2.0,
+                                   kl_weight=0.5, ce_weight=0.5, backend="torch",
+                                   process_group=torch.distributed.group.WORLD)
     loss.backward()
 
     h_one = hidden.clone().requires_grad_()
