@@ -1,0 +1,129 @@
+"""Plain ReAct transcripts: "Thought: / Action: / Action Input: / Observation: / Final Answer:" lines.
+
+    System: be brief                                (optional)
+    Question: what is the weather in Paris?        (or "User:"; else the text before the first step)
+    Thought: I should look it up.
+    Action: weather                                 (or inline: Action: weather {"city": "Paris"})
+    Action Input: {"city": "Paris"}                 (a JSON object, parsed with json.loads)
+    Observation: 18C, sunny
+    Final Answer: It is 18C and sunny.
+
+A line that starts with none of the keywords continues the value of the previous keyword.
+The plain (no chat template) rendering in tokenize.py writes this form, with "User:" and an
+optional "Tools: [json]" line, so it reads back to the same trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+_KEYWORD = re.compile(
+    r"^\s*(System|Tools|Question|User|Thought|Action Input|Action|Observation|Final Answer)\s*:[ \t]?(.*)$")
+_HEADER = {"System", "Tools", "Question", "User"}  # allowed only before the first step
+_INLINE_ACTION = re.compile(r"^(\S+)\s+(\{.*\})\s*$", re.DOTALL)
+
+
+@dataclass
+class ReactStep:
+    thought: Optional[str] = None
+    action: Optional[str] = None
+    action_input: dict[str, Any] = field(default_factory=dict)
+    observation: Optional[str] = None
+    has_input: bool = False
+
+
+@dataclass
+class ParsedReact:
+    question: Optional[str]
+    steps: list[ReactStep]
+    final_answer: Optional[str]
+    system: Optional[str] = None
+    tools: Optional[list] = None
+
+
+def _entries(text: str) -> tuple[str, list[tuple[str, str, int]]]:
+    """(preamble, [(keyword, value, 1-based line of the text)]); continuation lines join the value."""
+    preamble: list[str] = []
+    entries: list[tuple[str, list[str], int]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = _KEYWORD.match(line)
+        if match:
+            entries.append((match.group(1), [match.group(2)], number))
+        elif entries:
+            entries[-1][1].append(line)
+        else:
+            preamble.append(line)
+    return "\n".join(preamble).strip(), [(k, "\n".join(v).strip(), n) for k, v, n in entries]
+
+
+def _json_object(value: str, where: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: Action Input is not valid JSON ({exc.msg})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{where}: Action Input must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def parse_react(text: str) -> ParsedReact:
+    """Parse a ReAct transcript; raises ValueError naming the text line of the problem."""
+    preamble, entries = _entries(text)
+    question: Optional[str] = preamble or None
+    system: Optional[str] = None
+    tools: Optional[list] = None
+    steps: list[ReactStep] = []
+    final_answer: Optional[str] = None
+    for keyword, value, number in entries:
+        where = f"text line {number} ({keyword}:)"
+        current = steps[-1] if steps else None
+        if final_answer is not None:
+            raise ValueError(f"{where}: nothing may follow the Final Answer")
+        if keyword in _HEADER and steps:
+            raise ValueError(f"{where}: {keyword} after the first step")
+        if keyword in ("Question", "User"):
+            question = value
+        elif keyword == "System":
+            system = value
+        elif keyword == "Tools":
+            try:
+                tools = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: Tools is not valid JSON ({exc.msg})") from None
+            if not isinstance(tools, list):
+                raise ValueError(f"{where}: Tools must be a JSON list")
+        elif keyword == "Thought":
+            if current is None or current.thought is not None or current.action is not None:
+                current = ReactStep()
+                steps.append(current)
+            current.thought = value
+        elif keyword == "Action":
+            if not value:
+                raise ValueError(f"{where}: empty tool name")
+            if current is None or current.action is not None:
+                current = ReactStep()
+                steps.append(current)
+            inline = _INLINE_ACTION.match(value)
+            if inline:  # "Action: name {json}", the form the plain rendering writes
+                current.action, current.has_input = inline.group(1), True
+                current.action_input = _json_object(inline.group(2), where)
+            else:
+                current.action = value
+        elif keyword == "Action Input":
+            if current is None or current.action is None or current.observation is not None:
+                raise ValueError(f"{where}: no preceding Action")
+            if current.has_input:
+                raise ValueError(f"{where}: a second Action Input for one Action")
+            current.action_input, current.has_input = (_json_object(value, where) if value else {}), True
+        elif keyword == "Observation":
+            if current is None or current.action is None:
+                raise ValueError(f"{where}: an Observation without a preceding Action")
+            if current.observation is not None:
+                raise ValueError(f"{where}: a second Observation for one Action")
+            current.observation = value
+        else:  # Final Answer
+            final_answer = value
+    return ParsedReact(question, steps, final_answer, system, tools)
