@@ -63,7 +63,7 @@ def loss_terms(
     if with_ce and check_labels and not torch.compiler.is_compiling():
         _checks.check_label_range(labels, vocab_size, ignore_index)
 
-    resolved = backends.resolve(backend, student_logits.device)
+    resolved = backends.resolve(backend, student_logits.device, student_logits.dtype)
     div_id = DIVERGENCE_IDS[divergence] if with_divergence else NO_DIVERGENCE
     mix = beta if divergence == "jsd" else skew
     kernel_labels = labels.long() if with_ce else None
@@ -123,7 +123,8 @@ def distill_loss(
             parallel); see distillkit.parallel.distill_loss_vocab_parallel. vocab_start is the shard's first
             id (pass it: otherwise the shard sizes are gathered once per group, a host-level collective).
     Returns:
-        The loss in float32 (float64 for float64 inputs on the torch backend).
+        The loss in float32 (the row math is fp32 for every input dtype; float64 inputs run on the
+        torch backend in fp32 too: use distillkit.reference for a float64 oracle).
     """
     if process_group is not None:
         from .parallel import distill_loss_vocab_parallel

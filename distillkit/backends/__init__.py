@@ -39,9 +39,11 @@ def native_usable(device: torch.device) -> bool:
     return device.type == "cuda" and _ext.cuda_built()
 
 
-def resolve(backend: str, device: torch.device) -> str:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The concrete backend for `backend` on `device`; raises a ValueError naming the problem."""
     if backend == "auto":
+        if dtype == torch.float64:
+            return "torch"  # the kernels compute in fp32 and take fp32/fp16/bf16 only
         if device.type == "cuda":
             return "triton"
         return "cpu" if native_usable(device) else "torch"
