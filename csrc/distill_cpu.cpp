@@ -1,0 +1,327 @@
+// CPU kernels of the fused distillation rows (docs/DESIGN.md).
+//
+// Rows run in parallel (at::parallel_for; blocks of rows handed out dynamically).
+// Each row is walked in chunks of kChunk elements that are converted (fp32/bf16/
+// fp16 -> fp32), scaled by 1/T and copied into small stack buffers; the
+// vectorized loops over those buffers are in distill_cpu_chunks.h. No [N, V]
+// temporary is allocated except the returned gradient.
+//
+// Forward, per row:
+//   ids 1, 2: one pass; per chunk the running maxima move to the chunk's max,
+//     the sums are rescaled, then z_a += sum e^(a-m_a), z_b += sum e^(b-m_b) and
+//     w += sum e^(x-m_x)(x-y) (x = a for forward KL, b for reverse KL), so
+//     D = w / z_x - lse(x) + lse(y).
+//   ids 3..6: pass 1 the two normalizers, pass 2 D = sum d_j and c = sum h_j.
+//   CE: lse(s) at T = 1 from the same chunks (reused from lse(b) when T == 1).
+// Backward, per row, one pass:
+//   grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)),
+//   rows with grad_div == grad_ce == 0 are zero-filled without reading.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "distill_cpu_chunks.h"
+#include "distill_math.h"
+#include "distill_ops.h"
+
+namespace distillkit::cpu {
+
+// -- rows -------------------------------------------------------------------------
+struct Args {
+  const void* student;
+  const void* teacher;
+  const int64_t* labels;
+  const float* grad_div;
+  const float* grad_ce;
+  int64_t vocab, s_stride, t_stride, y_stride, gd_stride, gc_stride, ignore_index;
+  float inv_t;
+  bool with_ce;
+  MixParams mp;
+  float* div;
+  float* ce;
+  float* stats;  // [N, 4]: lse(a), lse(b), c, lse(s)
+  void* grad;    // [N, V] contiguous, student dtype
+};
+
+template <int DIV, typename TS, typename TT>
+void forward_rows(const Args& a, int64_t begin, int64_t end) {
+  alignas(64) float A[kChunk], B[kChunk], S[kChunk];
+  const int64_t V = a.vocab;
+  const bool t1 = a.inv_t == 1.0f;
+  const bool ce_own = a.with_ce && (DIV == kNone || !t1);  // else lse(s) = lse(b)
+  for (int64_t row = begin; row < end; ++row) {
+    const TS* s = static_cast<const TS*>(a.student) + row * a.s_stride;
+    const TT* t = DIV != kNone ? static_cast<const TT*>(a.teacher) + row * a.t_stride : nullptr;
+    float m_a = kNegInf, z_a = 0.0f, m_b = kNegInf, z_b = 0.0f, w = 0.0f, m_s = kNegInf, z_s = 0.0f;
+    for (int64_t start = 0; start < V; start += kChunk) {
+      const int64_t n = std::min(kChunk, V - start), np = padded(n);
+      if constexpr (DIV != kNone) {
+        const float na = fmax2(m_a, load_chunk(t + start, n, a.inv_t, A));
+        const float nb = fmax2(m_b, load_chunk(s + start, n, a.inv_t, B));
+        const float ra = safe_ref(na), rb = safe_ref(nb);
+        const float sa = fexp(m_a - ra), sb = fexp(m_b - rb);
+        z_a *= sa;
+        z_b *= sb;
+        m_a = na;
+        m_b = nb;
+        float sums[3];
+        if constexpr (DIV == kForwardKL) {  // the teacher weights the log-ratio
+          kl_sums(A, B, np, ra, rb, sums);
+          w = rescale(w, sa) + sums[1];
+          z_a += sums[0];
+          z_b += sums[2];
+        } else if constexpr (DIV == kReverseKL) {  // the student does
+          kl_sums(B, A, np, rb, ra, sums);
+          w = rescale(w, sb) + sums[1];
+          z_b += sums[0];
+          z_a += sums[2];
+        } else {
+          sum_exp2(A, B, np, ra, rb, sums);
+          z_a += sums[0];
+          z_b += sums[1];
+        }
+      }
+      if (ce_own) {
+        const float ns = fmax2(m_s, load_chunk(s + start, n, 1.0f, S));
+        const float rs = safe_ref(ns);
+        z_s = z_s * fexp(m_s - rs) + sum_exp(S, np, rs);
+        m_s = ns;
+      }
+    }
+    float lse_a = 0.0f, lse_b = 0.0f, d = 0.0f, c = 0.0f;
+    if constexpr (DIV != kNone) {
+      lse_a = finish_lse(m_a, z_a);
+      lse_b = finish_lse(m_b, z_b);
+    }
+    if constexpr (DIV == kForwardKL) {
+      d = finish_kl(w, z_a, lse_a, lse_b);
+      c = -1.0f;
+    } else if constexpr (DIV == kReverseKL) {
+      d = finish_kl(w, z_b, lse_b, lse_a);
+      c = d;
+    } else if constexpr (DIV != kNone) {
+      float sums[2] = {0.0f, 0.0f};
+      for (int64_t start = 0; start < V; start += kChunk) {
+        const int64_t n = std::min(kChunk, V - start);
+        load_chunk(t + start, n, a.inv_t, A);
+        load_chunk(s + start, n, a.inv_t, B);
+        mix_sums<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), padded(n), lse_a, lse_b,
+                      a.mp, static_cast<float*>(sums));
+      }
+      d = sums[0];
+      c = sums[1];
+    }
+    float lse_s = 0.0f, ce = 0.0f;
+    if (a.with_ce) {
+      lse_s = ce_own ? finish_lse(m_s, z_s) : lse_b;
+      const int64_t y = a.labels[row * a.y_stride];
+      if (label_valid(y, V, a.ignore_index)) ce = lse_s - static_cast<float>(s[y]);
+    }
+    a.div[row] = d;
+    a.ce[row] = ce;
+    float* st = a.stats + row * 4;
+    st[0] = lse_a;
+    st[1] = lse_b;
+    st[2] = c;
+    st[3] = lse_s;
+  }
+}
+
+template <int DIV, typename TS, typename TT>
+void backward_rows(const Args& a, int64_t begin, int64_t end) {
+  alignas(64) float A[kChunk], B[kChunk], O[kChunk];
+  const int64_t V = a.vocab;
+  const bool t1 = a.inv_t == 1.0f;
+  constexpr bool direct = std::is_same_v<TS, float>;
+  for (int64_t row = begin; row < end; ++row) {
+    TS* g = static_cast<TS*>(a.grad) + row * V;
+    const float gd = DIV != kNone ? a.grad_div[row * a.gd_stride] : 0.0f;
+    int64_t y = -1;
+    float gc = 0.0f;
+    if (a.with_ce) {
+      y = a.labels[row * a.y_stride];
+      // ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
+      if (label_valid(y, V, a.ignore_index)) gc = a.grad_ce[row * a.gc_stride];
+      else y = -1;
+    }
+    if (gd == 0.0f && gc == 0.0f) {  // masked rows: zeros, nothing read
+      std::memset(static_cast<void*>(g), 0, V * sizeof(TS));
+      continue;
+    }
+    const TS* s = static_cast<const TS*>(a.student) + row * a.s_stride;
+    const TT* t = DIV != kNone ? static_cast<const TT*>(a.teacher) + row * a.t_stride : nullptr;
+    const float* st = a.stats + row * 4;
+    // Skip, not multiply by 0: a row weighted out of the divergence may have an infinite one.
+    const bool use_div = DIV != kNone && gd != 0.0f;
+    const bool ce_fold = use_div && t1;  // softmax(s) is q: one exp less
+    const float coef = gd * a.inv_t;
+    for (int64_t start = 0; start < V; start += kChunk) {
+      const int64_t n = std::min(kChunk, V - start);
+      // fp32 gradients are written in place; the others go through O and one conversion.
+      float* out = direct ? reinterpret_cast<float*>(g + start) : static_cast<float*>(O);
+      const int64_t cnt = direct ? n : padded(n);
+      if (use_div) {
+        load_chunk(t + start, n, a.inv_t, A);
+        load_chunk(s + start, n, a.inv_t, B);
+        grad_div<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), cnt, st[0], st[1], st[2], coef,
+                      ce_fold ? gc : 0.0f, a.mp, out);
+        if (gc != 0.0f && !ce_fold) {
+          load_chunk(s + start, n, 1.0f, A);
+          grad_ce(A, cnt, st[3], gc, true, out);
+        }
+      } else {
+        load_chunk(s + start, n, 1.0f, A);
+        grad_ce(A, cnt, st[3], gc, false, out);
+      }
+      if (y >= start && y < start + n) out[y - start] -= gc;
+      if (!direct) store_chunk(out, n, g + start);
+    }
+  }
+}
+
+// -- dispatch -------------------------------------------------------------------------
+template <typename F>
+void dispatch_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(std::type_identity<float>{});
+    case at::kBFloat16: return f(std::type_identity<c10::BFloat16>{});
+    case at::kHalf: return f(std::type_identity<c10::Half>{});
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+// f(integral_constant<DIV>, type_identity<TS>, type_identity<TT>); TT = TS when the teacher is not read.
+template <typename F>
+void dispatch(int64_t div, at::ScalarType ts, at::ScalarType tt, F&& f) {
+  dispatch_dtype(ts, [&](auto s_tag) {
+    if (div == kNone) return f(std::integral_constant<int, kNone>{}, s_tag, s_tag);
+    dispatch_dtype(tt, [&](auto t_tag) {
+      switch (div) {
+        case kForwardKL: return f(std::integral_constant<int, kForwardKL>{}, s_tag, t_tag);
+        case kReverseKL: return f(std::integral_constant<int, kReverseKL>{}, s_tag, t_tag);
+        case kJSD: return f(std::integral_constant<int, kJSD>{}, s_tag, t_tag);
+        case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{}, s_tag, t_tag);
+        case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{}, s_tag, t_tag);
+        default: return f(std::integral_constant<int, kTVD>{}, s_tag, t_tag);
+      }
+    });
+  });
+}
+
+Args make_args(const Rows& r, const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+               const std::optional<at::Tensor>& labels, int64_t divergence, double mix, double temperature,
+               int64_t ignore_index, bool with_ce) {
+  Args a{};
+  a.student = student.data_ptr();
+  a.teacher = r.read_teacher ? teacher->data_ptr() : nullptr;
+  a.labels = with_ce ? labels->data_ptr<int64_t>() : nullptr;
+  a.vocab = r.vocab;
+  a.s_stride = r.s_stride;
+  a.t_stride = r.t_stride;
+  a.y_stride = r.y_stride;
+  a.ignore_index = ignore_index;
+  a.inv_t = static_cast<float>(1.0 / temperature);
+  a.with_ce = with_ce;
+  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(mix));
+  return a;
+}
+
+// The gradient is a fresh [N, V] buffer: on Linux its first touch costs one page
+// fault and one kernel page clear per 4 KB, which for large buffers takes longer
+// than the kernel itself. Ask for transparent huge pages on the buffer's whole
+// 2 MB blocks (what PyTorch does for every allocation under THP_MEM_ALLOC_ENABLE=1);
+// DISTILLKIT_CPU_THP=0 turns it off. A no-op where THP is disabled.
+void advise_huge_pages(void* ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("DISTILLKIT_CPU_THP");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (!enabled || bytes < static_cast<int64_t>(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advisory: errors ignored
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
+// Rows are handed out in small blocks from a shared counter rather than split evenly up
+// front: with the cores shared (other processes, SMT siblings, frequency differences), an
+// even split waits for the slowest thread. A block is ~64K elements, so the counter is cheap.
+template <typename F>
+void parallel_rows(int64_t n, int64_t vocab, const F& body) {
+  const int64_t block = std::max<int64_t>(1, 65536 / vocab);
+  const int64_t tasks = (n + block - 1) / block;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(t * block, std::min(n, (t + 1) * block));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cpu(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+    int64_t divergence, double mix, double temperature, int64_t ignore_index, bool with_ce) {
+  const Rows r = check_rows_forward(student, teacher, labels, divergence, mix, temperature, with_ce, at::kCPU);
+  const auto opts = student.options().dtype(at::kFloat);
+  at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 4}, opts);
+  Args a = make_args(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce);
+  a.div = div.data_ptr<float>();
+  a.ce = ce.data_ptr<float>();
+  a.stats = stats.data_ptr<float>();
+  const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
+  dispatch(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
+    parallel_rows(r.n, r.vocab, [&](int64_t b, int64_t e) { forward_rows<decltype(d)::value, TS, TT>(a, b, e); });
+  });
+  return {div, ce, stats};
+}
+
+at::Tensor rows_backward_cpu(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+                             const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+                             const at::Tensor& stats, int64_t divergence, double mix, double temperature,
+                             int64_t ignore_index, bool with_ce) {
+  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
+                                     temperature, with_ce, at::kCPU);
+  at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  Args a = make_args(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce);
+  a.grad_div = grad_div.data_ptr<float>();
+  a.grad_ce = grad_ce.data_ptr<float>();
+  a.gd_stride = grad_div.stride(0);
+  a.gc_stride = grad_ce.stride(0);
+  a.stats = const_cast<float*>(stats.data_ptr<float>());
+  a.grad = grad.data_ptr();
+  const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
+  dispatch(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
+    parallel_rows(r.n, r.vocab, [&](int64_t b, int64_t e) { backward_rows<decltype(d)::value, TS, TT>(a, b, e); });
+  });
+  return grad;
+}
+
+}  // namespace distillkit::cpu
+
+TORCH_LIBRARY_IMPL(distillkit_ext, CPU, m) {
+  m.impl("rows_forward", &distillkit::cpu::rows_forward_cpu);
+  m.impl("rows_backward", &distillkit::cpu::rows_backward_cpu);
+}

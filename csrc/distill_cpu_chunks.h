@@ -1,0 +1,244 @@
+// Chunk primitives of the CPU kernel (distill_cpu.cpp): conversions between the
+// logits dtypes and fp32 stack buffers, and the branch-free loops over those
+// buffers. Every DK_CLONES function is compiled three times (AVX-512, AVX2+FMA,
+// baseline x86-64) and the loader picks one for the CPU at hand; the loops are
+// `omp simd` (-fopenmp) over the float math of distill_math.h, which is written
+// without branches so that GCC vectorizes them (with -fno-trapping-math).
+//
+// Buffers hold kChunk floats, padded with -inf to a multiple of kLanes: padding
+// lanes contribute exactly 0 to every sum (e^-inf = 0, p = q = 0 terms are 0).
+// Defines (not only declares) the clone functions: include it from one file only.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "distill_math.h"
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+// One body, three instruction sets; the loader picks the best the CPU has.
+#define DK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DK_CLONES
+#endif
+#define DK_INLINE inline __attribute__((always_inline))
+
+namespace distillkit::cpu {
+
+constexpr int64_t kChunk = 1024;  // floats per buffer: 4 KB, three buffers stay in L1
+constexpr int64_t kLanes = 16;    // buffers are padded to whole AVX-512 registers
+
+DK_INLINE int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// fp16 <-> fp32 without branches (FP16 library formulas), so the loops vectorize.
+DK_INLINE float half_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t mag = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
+  return bits_to_float(sign | mag);
+}
+
+DK_INLINE uint16_t float_to_half(float f) {
+  float base = ((f < 0.0f ? -f : f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = float_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+DK_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  const uint32_t u = float_to_bits(f);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7FC0u : r);
+}
+
+// -- chunk loads: dst[i] = src[i] * scale, -inf padding; returns the chunk max --
+DK_INLINE void pad_tail(float* dst, int64_t n) {
+  for (int64_t i = n; i < padded(n); ++i) dst[i] = kNegInf;
+}
+
+// Hardware stream prefetchers stop at 4 KB page boundaries, which is where a chunk
+// ends: prefetch the next chunk of the row while this one is converted.
+DK_INLINE void prefetch_next(const void* next, int64_t bytes) {
+  const char* p = static_cast<const char*>(next);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+#define DK_LOADER(NAME, SRC_T, CONVERT)                                                \
+  DK_CLONES float NAME(const SRC_T* __restrict src, int64_t n, float scale,           \
+                       float* __restrict dst) {                                       \
+    prefetch_next(src + n, n * static_cast<int64_t>(sizeof(SRC_T)));                 \
+    float mx = kNegInf;                                                               \
+    _Pragma("omp simd reduction(max : mx)") for (int64_t i = 0; i < n; ++i) {         \
+      const float v = CONVERT(src[i]) * scale;                                        \
+      dst[i] = v;                                                                     \
+      mx = v > mx ? v : mx;                                                           \
+    }                                                                                 \
+    pad_tail(dst, n);                                                                 \
+    return mx;                                                                        \
+  }
+
+DK_INLINE float from_f32(float v) { return v; }
+DK_INLINE float from_bf16(uint16_t v) { return bits_to_float(static_cast<uint32_t>(v) << 16); }
+DK_LOADER(load_f32, float, from_f32)
+DK_LOADER(load_bf16, uint16_t, from_bf16)
+DK_LOADER(load_f16, uint16_t, half_to_float)
+
+DK_CLONES void store_f32(const float* __restrict src, int64_t n, float* __restrict dst) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+DK_CLONES void store_bf16(const float* __restrict src, int64_t n, uint16_t* __restrict dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+DK_CLONES void store_f16(const float* __restrict src, int64_t n, uint16_t* __restrict dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
+template <typename T>
+DK_INLINE float load_chunk(const T* src, int64_t n, float scale, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load_f32(src, n, scale, dst);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return load_bf16(reinterpret_cast<const uint16_t*>(src), n, scale, dst);
+  } else {
+    return load_f16(reinterpret_cast<const uint16_t*>(src), n, scale, dst);
+  }
+}
+
+template <typename T>
+DK_INLINE void store_chunk(const float* src, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_f32(src, n, dst);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    store_bf16(src, n, reinterpret_cast<uint16_t*>(dst));
+  } else {
+    store_f16(src, n, reinterpret_cast<uint16_t*>(dst));
+  }
+}
+
+// -- pass-1 sums (n is a multiple of kLanes; padding lanes are -inf -> 0) --------
+DK_CLONES float sum_exp(const float* __restrict x, int64_t n, float rx) {
+  float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) z += fexp(x[i] - rx);
+  return z;
+}
+
+DK_CLONES void sum_exp2(const float* __restrict x, const float* __restrict y, int64_t n, float rx, float ry,
+                        float* out) {
+  float zx = 0.0f, zy = 0.0f;
+#pragma omp simd reduction(+ : zx, zy)
+  for (int64_t i = 0; i < n; ++i) {
+    zx += fexp(x[i] - rx);
+    zy += fexp(y[i] - ry);
+  }
+  out[0] = zx;
+  out[1] = zy;
+}
+
+// z_x = sum e, w = sum e (x - y) over e = e^(x - rx) > 0 (x = -inf adds 0, not
+// 0 * inf), z_y = sum e^(y - ry).
+DK_CLONES void kl_sums(const float* __restrict x, const float* __restrict y, int64_t n, float rx, float ry,
+                       float* out) {
+  float zx = 0.0f, w = 0.0f, zy = 0.0f;
+#pragma omp simd reduction(+ : zx, w, zy)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = fexp(x[i] - rx);
+    const float term = e * (x[i] - y[i]);
+    zx += e;
+    w += e > 0.0f ? term : 0.0f;
+    zy += fexp(y[i] - ry);
+  }
+  out[0] = zx;
+  out[1] = w;
+  out[2] = zy;
+}
+
+// -- pass 2 of the mixtures: out += (sum d_j, sum h_j) ---------------------------
+template <int DIV>
+DK_INLINE void mix_sums_impl(const float* __restrict a, const float* __restrict b, int64_t n, float lse_a,
+                             float lse_b, MixParams mp, float* out) {
+  float dsum = 0.0f, csum = 0.0f;
+#pragma omp simd reduction(+ : dsum, csum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float lp = a[i] - lse_a, lq = b[i] - lse_b;
+    float d, h;
+    div_terms<DIV>(lp, lq, fexp(lp), fexp(lq), mp, d, h);
+    dsum += d;
+    csum += h;
+  }
+  out[0] += dsum;
+  out[1] += csum;
+}
+
+// -- backward: out = coef (h - q c) + ce_coef q (softmax(s) = q when T == 1) ------
+template <int DIV>
+DK_INLINE void grad_div_impl(const float* __restrict a, const float* __restrict b, int64_t n, float lse_a,
+                             float lse_b, float c, float coef, float ce_coef, MixParams mp,
+                             float* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float lp = a[i] - lse_a, lq = b[i] - lse_b;
+    const float p = fexp(lp), q = fexp(lq);
+    out[i] = coef * div_grad<DIV>(lp, lq, p, q, c, mp) + ce_coef * q;
+  }
+}
+
+#define DK_MIX(D)                                                                                          \
+  DK_CLONES void mix_sums_##D(const float* a, const float* b, int64_t n, float la, float lb, MixParams mp, \
+                              float* out) {                                                                \
+    mix_sums_impl<D>(a, b, n, la, lb, mp, out);                                                           \
+  }
+#define DK_GRAD(D)                                                                                           \
+  DK_CLONES void grad_div_##D(const float* a, const float* b, int64_t n, float la, float lb, float c,       \
+                              float coef, float ce_coef, MixParams mp, float* out) {                        \
+    grad_div_impl<D>(a, b, n, la, lb, c, coef, ce_coef, mp, out);                                           \
+  }
+DK_MIX(3) DK_MIX(4) DK_MIX(5) DK_MIX(6)
+DK_GRAD(1) DK_GRAD(2) DK_GRAD(3) DK_GRAD(4) DK_GRAD(5) DK_GRAD(6)
+
+template <int DIV, typename... Args>
+DK_INLINE void mix_sums(Args... args) {
+  if constexpr (DIV == kJSD) mix_sums_3(args...);
+  else if constexpr (DIV == kSkewForwardKL) mix_sums_4(args...);
+  else if constexpr (DIV == kSkewReverseKL) mix_sums_5(args...);
+  else if constexpr (DIV == kTVD) mix_sums_6(args...);
+}
+
+template <int DIV, typename... Args>
+DK_INLINE void grad_div(Args... args) {
+  if constexpr (DIV == kForwardKL) grad_div_1(args...);
+  else if constexpr (DIV == kReverseKL) grad_div_2(args...);
+  else if constexpr (DIV == kJSD) grad_div_3(args...);
+  else if constexpr (DIV == kSkewForwardKL) grad_div_4(args...);
+  else if constexpr (DIV == kSkewReverseKL) grad_div_5(args...);
+  else if constexpr (DIV == kTVD) grad_div_6(args...);
+}
+
+// out = gc * e^(s - lse_s) (accumulate: out +=)
+DK_CLONES void grad_ce(const float* __restrict s, int64_t n, float lse_s, float gc, bool accumulate,
+                       float* __restrict out) {
+  if (accumulate) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] += gc * fexp(s[i] - lse_s);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = gc * fexp(s[i] - lse_s);
+  }
+}
+
+}  // namespace distillkit::cpu

@@ -1,0 +1,454 @@
+// CUDA kernels of the fused distillation rows (docs/DESIGN.md).
+//
+// One block per row in the forward; each thread walks "groups" of 8 elements
+// (one 16-byte load for bf16/fp16, two for fp32), fp32 math, warp-shuffle +
+// shared-memory block reductions. Groups are aligned to the student row: group
+// g covers elements [8g - shift, 8g - shift + 8) where shift puts the student's
+// 16-byte boundaries on group starts, so any row stride works; the teacher and
+// the gradient use vector accesses when their rows share that alignment (same
+// dtype, same stride) and masked scalar ones otherwise. Only the (at most) two
+// partial groups of a row take the masked path.
+//
+// Paths:
+//   forward_stream: any V. Ids 0-2 read s and t once (online softmax: running max
+//     per thread, sums rescaled when it grows, merged across the block at the end).
+//     Ids 3-6 read them twice (normalizers, then D and c).
+//   forward_smem: ids 3-6 when a row of s and t fits in shared memory: pass 1
+//     keeps the row there, pass 2 reads it back; each input element is read once.
+//   backward: grid (rows, parts of a row); reads s, t once and writes grad once;
+//     rows with grad_div == grad_ce == 0 are zero-filled without reading.
+// Everything is launched on the current stream; nothing synchronizes the host.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "distill_cuda_common.cuh"
+#include "distill_math.h"
+#include "distill_ops.h"
+
+namespace distillkit::cuda {
+
+struct FwdParams {
+  const void* student;
+  const void* teacher;
+  const int64_t* labels;
+  int64_t vocab, s_stride, t_stride, y_stride, ignore_index;
+  float inv_t;
+  bool with_ce;
+  MixParams mp;
+  float* div;
+  float* ce;
+  float* stats;
+};
+
+// Pass-1 state of one thread, merged over the block by finish_pass1.
+struct Pass1 {
+  float m_a = kNegInf, z_a = 0.0f, m_b = kNegInf, z_b = 0.0f, w = 0.0f, m_s = kNegInf, z_s = 0.0f;
+};
+
+template <int DIV>
+__device__ __forceinline__ void pass1_group(Pass1& st, const float (&sv)[kVec], const float (&tv)[kVec],
+                                            float inv_t, bool ce_own) {
+  if constexpr (DIV != kNone) {
+    float a[kVec], b[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      a[i] = tv[i] * inv_t;
+      b[i] = sv[i] * inv_t;
+    }
+    if constexpr (DIV == kForwardKL) {  // the teacher weights the log-ratio
+      kl_group(a, b, st.m_a, st.z_a, st.w);
+      lse_group(b, st.m_b, st.z_b);
+    } else if constexpr (DIV == kReverseKL) {  // the student does
+      kl_group(b, a, st.m_b, st.z_b, st.w);
+      lse_group(a, st.m_a, st.z_a);
+    } else {
+      lse_group(a, st.m_a, st.z_a);
+      lse_group(b, st.m_b, st.z_b);
+    }
+  }
+  if (ce_own) lse_group(sv, st.m_s, st.z_s);
+}
+
+// Block merge: (lse_a, lse_b, lse_s) and, for ids 1-2, D. Every thread gets them.
+template <int DIV>
+__device__ __forceinline__ void finish_pass1(Pass1 st, float* smem, float& lse_a, float& lse_b, float& lse_s,
+                                             float& d) {
+  float mx[3] = {st.m_a, st.m_b, st.m_s};
+  block_allreduce(mx, smem, MaxOp{});
+  const float sa = fexp(st.m_a - safe_ref(mx[0])), sb = fexp(st.m_b - safe_ref(mx[1]));
+  float sums[4] = {st.z_a * sa, st.z_b * sb, rescale(st.w, DIV == kReverseKL ? sb : sa),
+                   st.z_s * fexp(st.m_s - safe_ref(mx[2]))};
+  block_allreduce(sums, smem, SumOp{});
+  lse_a = finish_lse(mx[0], sums[0]);
+  lse_b = finish_lse(mx[1], sums[1]);
+  lse_s = finish_lse(mx[2], sums[3]);
+  if constexpr (DIV == kForwardKL) d = finish_kl(sums[2], sums[0], lse_a, lse_b);
+  else if constexpr (DIV == kReverseKL) d = finish_kl(sums[2], sums[1], lse_b, lse_a);
+}
+
+// Pass-2 terms of one group of the mixtures: acc += (sum d_j, sum h_j).
+template <int DIV>
+__device__ __forceinline__ void pass2_group(const float (&sv)[kVec], const float (&tv)[kVec], float inv_t,
+                                            float lse_a, float lse_b, const MixParams& mp, float (&acc)[2]) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    const float lp = tv[i] * inv_t - lse_a, lq = sv[i] * inv_t - lse_b;
+    float d, h;
+    div_terms<DIV>(lp, lq, fexp(lp), fexp(lq), mp, d, h);
+    acc[0] += d;
+    acc[1] += h;
+  }
+}
+
+template <typename TS>
+__device__ __forceinline__ void write_row(const FwdParams& p, int64_t row, const TS* s, float d, float c,
+                                          float lse_a, float lse_b, float lse_s) {
+  float ce = 0.0f;
+  if (p.with_ce) {
+    const int64_t y = p.labels[row * p.y_stride];
+    if (label_valid(y, p.vocab, p.ignore_index)) ce = lse_s - to_float(s[y]);
+  } else {
+    lse_s = 0.0f;
+  }
+  p.div[row] = d;
+  p.ce[row] = ce;
+  reinterpret_cast<float4*>(p.stats)[row] = make_float4(lse_a, lse_b, c, lse_s);
+}
+
+// Forward, streaming: any V. D = w / z_x - lse(x) + lse(y) for the KLs (one pass),
+// D = sum d_j and c = sum h_j in a second pass for the mixtures.
+template <int DIV, typename TS, typename TT>
+__global__ void __launch_bounds__(kMaxThreads) forward_stream_kernel(const FwdParams p) {
+  __shared__ float smem[4 * 32];
+  const int64_t row = blockIdx.x, V = p.vocab;
+  const TS* s = static_cast<const TS*>(p.student) + row * p.s_stride;
+  const TT* t = static_cast<const TT*>(p.teacher) + row * p.t_stride;  // not read when DIV == 0
+  const int shift = shift_of(s);
+  const int64_t groups = (V + shift + kVec - 1) / kVec;
+  const bool t_vec = DIV != kNone && group_aligned(t, shift);
+  const bool ce_own = p.with_ce && (DIV == kNone || p.inv_t != 1.0f);  // else lse(s) = lse(b)
+
+  Pass1 st;
+  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+    const int64_t start = g * kVec - shift;
+    float sv[kVec], tv[kVec];
+    load_group(s, start, V, true, sv);
+    if constexpr (DIV != kNone) load_group(t, start, V, t_vec, tv);
+    pass1_group<DIV>(st, sv, tv, p.inv_t, ce_own);
+  }
+  float lse_a, lse_b, lse_s, d = 0.0f, c = 0.0f;
+  finish_pass1<DIV>(st, smem, lse_a, lse_b, lse_s, d);
+  if constexpr (DIV == kForwardKL) {
+    c = -1.0f;
+  } else if constexpr (DIV == kReverseKL) {
+    c = d;
+  } else if constexpr (DIV != kNone) {
+    float acc[2] = {0.0f, 0.0f};
+    for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+      const int64_t start = g * kVec - shift;
+      float sv[kVec], tv[kVec];
+      load_group(s, start, V, true, sv);
+      load_group(t, start, V, t_vec, tv);
+      pass2_group<DIV>(sv, tv, p.inv_t, lse_a, lse_b, p.mp, acc);
+    }
+    block_allreduce(acc, smem, SumOp{});
+    d = acc[0];
+    c = acc[1];
+  }
+  if (DIV == kNone) lse_a = lse_b = 0.0f;
+  if (!ce_own) lse_s = lse_b;
+  if (threadIdx.x == 0) write_row(p, row, s, d, c, lse_a, lse_b, lse_s);
+}
+
+// Forward, single pass for the mixtures: pass 1 parks the row (in its own dtype) in
+// shared memory, pass 2 reads it from there. Layout: group g at [8g, 8g + 8).
+template <int DIV, typename TS, typename TT>
+__global__ void __launch_bounds__(kMaxThreads) forward_smem_kernel(const FwdParams p) {
+  static_assert(DIV >= kJSD, "only the two-pass divergences gain from keeping the row");
+  extern __shared__ __align__(16) unsigned char row_smem[];
+  __shared__ float smem[4 * 32];
+  const int64_t row = blockIdx.x, V = p.vocab;
+  const TS* s = static_cast<const TS*>(p.student) + row * p.s_stride;
+  const TT* t = static_cast<const TT*>(p.teacher) + row * p.t_stride;
+  const int shift = shift_of(s);
+  const int64_t groups = (V + shift + kVec - 1) / kVec;
+  const bool t_vec = group_aligned(t, shift);
+  const bool ce_own = p.with_ce && p.inv_t != 1.0f;
+  TS* s_sm = reinterpret_cast<TS*>(row_smem);
+  TT* t_sm = reinterpret_cast<TT*>(row_smem + ((groups * kVec * sizeof(TS) + 15) & ~size_t{15}));
+
+  Pass1 st;
+  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+    const int64_t start = g * kVec - shift;
+    float sv[kVec], tv[kVec];
+    load_group(s, start, V, true, sv);
+    load_group(t, start, V, t_vec, tv);
+    store_vec8(s_sm + g * kVec, sv);  // exact: the values came from TS / TT
+    store_vec8(t_sm + g * kVec, tv);
+    pass1_group<DIV>(st, sv, tv, p.inv_t, ce_own);
+  }
+  float lse_a, lse_b, lse_s, d = 0.0f;
+  finish_pass1<DIV>(st, smem, lse_a, lse_b, lse_s, d);  // its barriers also order the row stores
+  float acc[2] = {0.0f, 0.0f};
+  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+    float sv[kVec], tv[kVec];
+    load_vec8<TS, false>(s_sm + g * kVec, sv);
+    load_vec8<TT, false>(t_sm + g * kVec, tv);
+    pass2_group<DIV>(sv, tv, p.inv_t, lse_a, lse_b, p.mp, acc);
+  }
+  block_allreduce(acc, smem, SumOp{});
+  if (!ce_own) lse_s = lse_b;
+  if (threadIdx.x == 0) write_row(p, row, s, acc[0], acc[1], lse_a, lse_b, lse_s);
+}
+
+struct BwdParams {
+  const float* grad_div;
+  const float* grad_ce;
+  int64_t gd_stride, gc_stride;
+  const void* student;
+  const void* teacher;
+  const int64_t* labels;
+  const float* stats;
+  void* grad;
+  int64_t vocab, s_stride, t_stride, y_stride, ignore_index;
+  float inv_t;
+  bool with_ce;
+  MixParams mp;
+};
+
+// Backward: grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)),
+// grid (rows, parts): block (r, k) writes the k-th range of groups of row r.
+template <int DIV, typename TS, typename TT>
+__global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p) {
+  const int64_t row = blockIdx.x, V = p.vocab;
+  const TS* s = static_cast<const TS*>(p.student) + row * p.s_stride;
+  const TT* t = static_cast<const TT*>(p.teacher) + row * p.t_stride;
+  TS* gr = static_cast<TS*>(p.grad) + row * V;
+  const int shift = shift_of(s);
+  const int64_t groups = (V + shift + kVec - 1) / kVec;
+  const int64_t per_part = (groups + gridDim.y - 1) / gridDim.y;
+  const int64_t g_begin = blockIdx.y * per_part, g_end = groups < g_begin + per_part ? groups : g_begin + per_part;
+  const bool g_vec = group_aligned(gr, shift);
+
+  const float gd = DIV != kNone ? p.grad_div[row * p.gd_stride] : 0.0f;
+  int64_t y = -1;
+  float gc = 0.0f;
+  if (p.with_ce) {
+    y = p.labels[row * p.y_stride];
+    // ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
+    if (label_valid(y, V, p.ignore_index)) gc = p.grad_ce[row * p.gc_stride];
+    else y = -1;
+  }
+  if (gd == 0.0f && gc == 0.0f) {  // masked rows: zeros, nothing read
+    const float zeros[kVec] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t g = g_begin + threadIdx.x; g < g_end; g += blockDim.x)
+      store_group(gr, g * kVec - shift, V, g_vec, zeros);
+    return;
+  }
+  // lse(a), lse(b), c, lse(s); scalar loads: a stats view need not be 16-byte aligned
+  const float* stp = p.stats + row * 4;
+  const float4 st = make_float4(stp[0], stp[1], stp[2], stp[3]);
+  // Skip, not multiply by 0: a row weighted out of the divergence may have an infinite one.
+  const bool use_div = DIV != kNone && gd != 0.0f;
+  const bool ce_fold = use_div && p.inv_t == 1.0f;  // softmax(s) is q: one exp less
+  const bool ce_own = gc != 0.0f && !ce_fold;
+  const float coef = gd * p.inv_t, ce_coef = ce_fold ? gc : 0.0f;
+  const bool t_vec = DIV != kNone && group_aligned(t, shift);
+
+  for (int64_t g = g_begin + threadIdx.x; g < g_end; g += blockDim.x) {
+    const int64_t start = g * kVec - shift;
+    float sv[kVec], out[kVec];
+    load_group(s, start, V, true, sv);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = 0.0f;
+    if constexpr (DIV != kNone) {
+      if (use_div) {
+        float tv[kVec];
+        load_group(t, start, V, t_vec, tv);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const float lp = tv[i] * p.inv_t - st.x, lq = sv[i] * p.inv_t - st.y;
+          const float pj = fexp(lp), qj = fexp(lq);
+          out[i] = coef * div_grad<DIV>(lp, lq, pj, qj, st.z, p.mp) + ce_coef * qj;
+        }
+      }
+    }
+    if (ce_own) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) out[i] += gc * fexp(sv[i] - st.w);
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      if (start + i == y) out[i] -= gc;  // unrolled compare: no dynamic register index
+    }
+    store_group(gr, start, V, g_vec, out);
+  }
+}
+
+// -- host side ---------------------------------------------------------------------------
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(Tag<float>{});
+    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    case at::kHalf: return f(Tag<__half>{});
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+// f(integral_constant<DIV>, Tag<TS>, Tag<TT>); TT = TS when the teacher is not read.
+template <typename F>
+void dispatch(int64_t div, at::ScalarType ts, at::ScalarType tt, F&& f) {
+  dispatch_dtype(ts, [&](auto s_tag) {
+    if (div == kNone) return f(std::integral_constant<int, kNone>{}, s_tag, s_tag);
+    dispatch_dtype(tt, [&](auto t_tag) {
+      switch (div) {
+        case kForwardKL: return f(std::integral_constant<int, kForwardKL>{}, s_tag, t_tag);
+        case kReverseKL: return f(std::integral_constant<int, kReverseKL>{}, s_tag, t_tag);
+        case kJSD: return f(std::integral_constant<int, kJSD>{}, s_tag, t_tag);
+        case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{}, s_tag, t_tag);
+        case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{}, s_tag, t_tag);
+        default: return f(std::integral_constant<int, kTVD>{}, s_tag, t_tag);
+      }
+    });
+  });
+}
+
+// DISTILLKIT_CUDA_PATH=stream forces the mixtures' forward onto the streaming path (tests
+// compare both); read per call, so a process can switch.
+bool force_stream() {
+  const char* env = std::getenv("DISTILLKIT_CUDA_PATH");
+  return env != nullptr && std::strcmp(env, "stream") == 0;
+}
+
+// Largest dynamic shared memory a block may opt into, per device (a cached attribute query, no sync).
+int max_dynamic_smem(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) return 0;
+  if (cache[device] == 0) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cache[device] = optin - 1024;  // the kernel's static reduction scratch
+  }
+  return cache[device];
+}
+
+int forward_threads(int64_t groups) { return groups >= 4096 ? 512 : (groups >= 1024 ? 256 : 128); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cuda(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+    int64_t divergence, double mix, double temperature, int64_t ignore_index, bool with_ce) {
+  const Rows r = check_rows_forward(student, teacher, labels, divergence, mix, temperature, with_ce, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto opts = student.options().dtype(at::kFloat);
+  at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 4}, opts);
+  if (r.n == 0) return {div, ce, stats};
+  FwdParams p{};
+  p.student = student.data_ptr();
+  p.teacher = r.read_teacher ? teacher->data_ptr() : nullptr;
+  p.labels = with_ce ? labels->data_ptr<int64_t>() : nullptr;
+  p.vocab = r.vocab;
+  p.s_stride = r.s_stride;
+  p.t_stride = r.t_stride;
+  p.y_stride = r.y_stride;
+  p.ignore_index = ignore_index;
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.with_ce = with_ce;
+  p.mp = make_mix(static_cast<int>(divergence), static_cast<float>(mix));
+  p.div = div.data_ptr<float>();
+  p.ce = ce.data_ptr<float>();
+  p.stats = stats.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t groups = (r.vocab + kVec - 1) / kVec + 1;  // upper bound over the row shifts
+  const int threads = forward_threads(groups);
+  const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
+  dispatch(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+    constexpr int DIV = decltype(d)::value;
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
+    if constexpr (DIV >= kJSD) {
+      const size_t smem = ((groups * kVec * sizeof(TS) + 15) & ~size_t{15}) + groups * kVec * sizeof(TT);
+      const bool fits = static_cast<int64_t>(smem) <= max_dynamic_smem(student.get_device());
+      if (fits && !force_stream()) {
+        auto kernel = forward_smem_kernel<DIV, TS, TT>;
+        if (smem > 48 * 1024) {  // beyond the default carve-out a kernel must opt in
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(smem)));
+        }
+        kernel<<<static_cast<unsigned>(r.n), threads, smem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    forward_stream_kernel<DIV, TS, TT><<<static_cast<unsigned>(r.n), threads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {div, ce, stats};
+}
+
+at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+                              const at::Tensor& stats, int64_t divergence, double mix, double temperature,
+                              int64_t ignore_index, bool with_ce) {
+  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
+                                     temperature, with_ce, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(student.device());
+  at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
+  if (r.n == 0) return grad;
+  BwdParams p{};
+  p.grad_div = grad_div.data_ptr<float>();
+  p.grad_ce = grad_ce.data_ptr<float>();
+  p.gd_stride = grad_div.stride(0);
+  p.gc_stride = grad_ce.stride(0);
+  p.student = student.data_ptr();
+  p.teacher = r.read_teacher ? teacher->data_ptr() : nullptr;
+  p.labels = with_ce ? labels->data_ptr<int64_t>() : nullptr;
+  p.stats = stats.data_ptr<float>();
+  p.grad = grad.data_ptr();
+  p.vocab = r.vocab;
+  p.s_stride = r.s_stride;
+  p.t_stride = r.t_stride;
+  p.y_stride = r.y_stride;
+  p.ignore_index = ignore_index;
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.with_ce = with_ce;
+  p.mp = make_mix(static_cast<int>(divergence), static_cast<float>(mix));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t groups = (r.vocab + kVec - 1) / kVec + 1;
+  const int64_t parts = std::min<int64_t>(
+      65535, std::max<int64_t>(1, (groups + kBwdThreads * kBwdGroupsPerThread - 1) /
+                                      (kBwdThreads * kBwdGroupsPerThread)));
+  const dim3 grid(static_cast<unsigned>(r.n), static_cast<unsigned>(parts));
+  const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
+  dispatch(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
+    backward_kernel<decltype(d)::value, TS, TT><<<grid, kBwdThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace distillkit::cuda
+
+TORCH_LIBRARY_IMPL(distillkit_ext, CUDA, m) {
+  m.impl("rows_forward", &distillkit::cuda::rows_forward_cuda);
+  m.impl("rows_backward", &distillkit::cuda::rows_backward_cuda);
+}

@@ -1,0 +1,194 @@
+// Device building blocks of the CUDA kernels (distill_cuda.cu): 16-byte group
+// loads/stores in any of the three logits dtypes, block reductions, and the
+// per-thread online-softmax updates.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "distill_math.h"
+
+namespace distillkit::cuda {
+
+constexpr int kVec = 8;             // elements per thread per step
+constexpr int kMaxThreads = 512;    // forward blocks (<= 128 registers per thread)
+constexpr int kBwdThreads = 256;
+constexpr int kBwdGroupsPerThread = 4;
+
+// -- element access ---------------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return __float2half_rn(v);
+}
+
+// 8 elements from a 16-byte aligned address (two float4 for fp32); kGlobal: through
+// the read-only data cache, else a plain (shared-memory) load.
+template <typename T, bool kGlobal = true>
+__device__ __forceinline__ void load_vec8(const T* __restrict__ p, float (&v)[kVec]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4* q = reinterpret_cast<const float4*>(p);
+    const float4 x = kGlobal ? __ldg(q) : q[0];
+    const float4 y = kGlobal ? __ldg(q + 1) : q[1];
+    v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+    v[4] = y.x; v[5] = y.y; v[6] = y.z; v[7] = y.w;
+  } else {
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+    const uint4 raw = kGlobal ? __ldg(q) : q[0];
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 f;
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        __nv_bfloat162 h;
+        memcpy(&h, &words[i], 4);
+        f = __bfloat1622float2(h);
+      } else {
+        __half2 h;
+        memcpy(&h, &words[i], 4);
+        f = __half22float2(h);
+      }
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec8(T* __restrict__ p, const float (&v)[kVec]) {
+  if constexpr (std::is_same_v<T, float>) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint32_t words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        memcpy(&words[i], &h, 4);
+      } else {
+        const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+        memcpy(&words[i], &h, 4);
+      }
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
+// Group [start, start + 8) of a row of length V: vector load when whole and aligned,
+// else masked scalar loads; elements outside the row read as -inf (they add 0).
+template <typename T>
+__device__ __forceinline__ void load_group(const T* __restrict__ row, int64_t start, int64_t V, bool vec_ok,
+                                           float (&v)[kVec]) {
+  if (vec_ok && start >= 0 && start + kVec <= V) {
+    load_vec8(row + start, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const int64_t idx = start + i;
+      v[i] = (idx >= 0 && idx < V) ? to_float(row[idx]) : kNegInf;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_group(T* __restrict__ row, int64_t start, int64_t V, bool vec_ok,
+                                            const float (&v)[kVec]) {
+  if (vec_ok && start >= 0 && start + kVec <= V) {
+    store_vec8(row + start, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const int64_t idx = start + i;
+      if (idx >= 0 && idx < V) row[idx] = from_float<T>(v[i]);
+    }
+  }
+}
+
+// Elements from the row start to the student's next 16-byte boundary.
+template <typename T>
+__device__ __forceinline__ int shift_of(const T* row) {
+  return static_cast<int>((reinterpret_cast<uintptr_t>(row) & 15u) / sizeof(T));
+}
+
+// Whether `row` is 16-byte aligned at element -shift (so its groups are too).
+template <typename T>
+__device__ __forceinline__ bool group_aligned(const T* row, int shift) {
+  return ((reinterpret_cast<uintptr_t>(row) - static_cast<uintptr_t>(shift) * sizeof(T)) & 15u) == 0;
+}
+
+// -- block reductions ------------------------------------------------------------------
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Reduces N values over the block; every thread gets the results. smem: N * 32 floats.
+template <int N, typename Op>
+__device__ __forceinline__ void block_allreduce(float (&v)[N], float* smem, Op op) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], off));
+    if (lane == 0) smem[i * 32 + warp] = v[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float r = smem[i * 32];
+    for (int w = 1; w < warps; ++w) r = op(r, smem[i * 32 + w]);
+    v[i] = r;
+  }
+  __syncthreads();  // smem is reused by the next reduction
+}
+
+// -- per-thread online softmax over groups ------------------------------------------------
+// Running (m, z): the max only moves when a group exceeds it, then z is rescaled once.
+__device__ __forceinline__ void lse_group(const float (&x)[kVec], float& m, float& z) {
+  float gm = x[0];
+#pragma unroll
+  for (int i = 1; i < kVec; ++i) gm = fmaxf(gm, x[i]);
+  if (gm > m) {
+    z *= fexp(m - gm);
+    m = gm;
+  }
+  const float ref = safe_ref(m);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) z += fexp(x[i] - ref);
+}
+
+// (m, z) of x and w = sum e^(x - m)(x - y) over e > 0, rescaled alike.
+__device__ __forceinline__ void kl_group(const float (&x)[kVec], const float (&y)[kVec], float& m, float& z,
+                                         float& w) {
+  float gm = x[0];
+#pragma unroll
+  for (int i = 1; i < kVec; ++i) gm = fmaxf(gm, x[i]);
+  if (gm > m) {
+    const float sc = fexp(m - gm);
+    z *= sc;
+    w = rescale(w, sc);
+    m = gm;
+  }
+  const float ref = safe_ref(m);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    const float e = fexp(x[i] - ref);
+    z += e;
+    w += e > 0.0f ? e * (x[i] - y[i]) : 0.0f;
+  }
+}
+
+}  // namespace distillkit::cuda

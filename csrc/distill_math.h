@@ -1,0 +1,264 @@
+// Per-element math of the fused distillation rows, shared by the CPU kernel
+// (plain C++, written so that GCC vectorizes the loops that call it) and the
+// CUDA kernels (__host__ __device__). The contract is docs/DESIGN.md:
+//
+//   a = t/T, b = s/T, p = softmax(a), q = softmax(b)
+//   D(p, q) per divergence id; h_j = q_j dD/dq_j; c = sum_j h_j
+//   dD/db_k = h_k - q_k c
+//   ce = lse(s) - s[y] at temperature 1
+//
+// Everything is float32, whatever the input dtype.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define DK_HD __host__ __device__ __forceinline__
+#else
+#define DK_HD inline __attribute__((always_inline))
+#endif
+
+namespace distillkit {
+
+// Divergence ids (distillkit._checks.DIVERGENCE_IDS).
+enum : int {
+  kNone = 0,
+  kForwardKL = 1,
+  kReverseKL = 2,
+  kJSD = 3,
+  kSkewForwardKL = 4,
+  kSkewReverseKL = 5,
+  kTVD = 6,
+};
+
+// Forward KL and reverse KL get D from one online pass; the mixtures need both
+// normalizers before the first term (two passes).
+constexpr bool is_online(int div) { return div == kForwardKL || div == kReverseKL; }
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+DK_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+DK_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+// exp(x). Device: the MUFU approximation (rel. error ~1e-6 near 0, the terms
+// that matter). Host: branch-free, so the loops that call it vectorize: 2^n by
+// building the exponent bits, e^r on |r| <= ln2/2 by a degree-5 polynomial
+// (rel. error < 2e-7). exp(-inf) = 0 exactly and anything below the smallest
+// normal float is 0 (masked entries must give 0, never NaN); NaN propagates
+// (it survives both clamps). Arguments here are <= ~0 (x - max, log-probs);
+// the upper clamp only keeps garbage statistics from wrapping the exponent.
+DK_HD float fexp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float lo = -87.33654f, hi = 88.0f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  // t = round(x / ln2) + 127 + 1.5 * 2^23: its low mantissa bits are the biased exponent
+  const float magic = 12582912.0f + 127.0f;
+  const float t = xc * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  float r = xc - n * 0.693359375f;  // Cody-Waite: ln2 in two parts
+  r = r + n * 2.12194440e-4f;
+  float p = 8.31280555576086e-3f;
+  p = p * r + 4.1890207678079605e-2f;
+  p = p * r + 1.6667111217975616e-1f;
+  p = p * r + 4.99992311000824e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float res = p * bits_to_float(float_to_bits(t) << 23);
+  return x < lo ? 0.0f : res;
+#endif
+}
+
+// log(v) for v in [1, 2] (the log1p of the mixture's log-add-exp). Host: Cephes
+// logf polynomial, branch-free; device: MUFU (abs. error ~5e-7 on [1, 2]).
+DK_HD float flog_1_2(float v) {
+#if defined(__CUDA_ARCH__)
+  return __logf(v);
+#else
+  const bool big = v > 1.41421356f;
+  const float f = big ? v * 0.5f : v;
+  const float k = big ? 1.0f : 0.0f;
+  const float x = f - 1.0f;
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y = y - k * 2.12194440e-4f - 0.5f * z;
+  return x + y + k * 0.693359375f;
+#endif
+}
+
+// Row-level (scalar) logarithm: accurate on both sides.
+DK_HD float flog_row(float v) {
+#if defined(__CUDA_ARCH__)
+  return logf(v);
+#else
+  return __builtin_logf(v);
+#endif
+}
+
+DK_HD float fmax2(float a, float b) { return a > b ? a : b; }
+
+// -- online softmax ----------------------------------------------------------
+// A running (m, z) is max m and z = sum exp(x - m). With m = -inf (nothing but
+// masked entries so far) exp(x - m) would be NaN; the reference is then 0.
+DK_HD float safe_ref(float m) { return m == kNegInf ? 0.0f : m; }
+
+// w (a sum of e * (x - y)) can be +inf (reverse KL on a teacher zero); keep it
+// +inf when its scale underflows instead of producing inf * 0 = NaN.
+DK_HD float rescale(float w, float scale) { return w == kInf ? w : w * scale; }
+
+// Merge (m2, z2, w2) into (m, z, w): the max, and the sums rescaled to it.
+DK_HD void online_merge(float& m, float& z, float& w, float m2, float z2, float w2) {
+  const float mn = fmax2(m, m2);
+  const float ref = safe_ref(mn);
+  const float s1 = fexp(m - ref), s2 = fexp(m2 - ref);
+  z = z * s1 + z2 * s2;
+  w = rescale(w, s1) + rescale(w2, s2);
+  m = mn;
+}
+
+DK_HD void online_merge(float& m, float& z, float m2, float z2) {
+  const float mn = fmax2(m, m2);
+  const float ref = safe_ref(mn);
+  z = z * fexp(m - ref) + z2 * fexp(m2 - ref);
+  m = mn;
+}
+
+// log-sum-exp from the final (m, z): -inf for a row of -inf.
+DK_HD float finish_lse(float m, float z) { return m + flog_row(z); }
+
+// KL(softmax x || softmax y) from one online pass: with w = sum e^(x - m) (x - y)
+// (terms with e = 0 skipped), KL = w / z - lse(x) + lse(y).
+DK_HD float finish_kl(float w, float z, float lse_x, float lse_y) { return w / z - lse_x + lse_y; }
+
+// -- mixtures ----------------------------------------------------------------
+// m = w_p p + w_q q with (w_p, w_q) = (beta, 1-beta) for jsd, (skew, 1-skew) for
+// skew_forward_kl, (1-skew, skew) for skew_reverse_kl. lw_* = log w_* (-inf for 0).
+struct MixParams {
+  float w_p, w_q, lw_p, lw_q;
+};
+
+inline MixParams make_mix(int div, float mix) {
+  MixParams mp{0.0f, 0.0f, kNegInf, kNegInf};
+  if (div == kJSD || div == kSkewForwardKL) {
+    mp.w_p = mix;
+    mp.w_q = 1.0f - mix;
+  } else if (div == kSkewReverseKL) {
+    mp.w_p = 1.0f - mix;
+    mp.w_q = mix;
+  }
+  mp.lw_p = mp.w_p > 0.0f ? flog_row(mp.w_p) : kNegInf;
+  mp.lw_q = mp.w_q > 0.0f ? flog_row(mp.w_q) : kNegInf;
+  return mp;
+}
+
+// Safe log-add-exp of the mixture in log space: log m = logaddexp(x, y) with
+// x = lw_p + log p, y = lw_q + log q. Exact for probabilities far below the
+// float range (no underflow of p or q), -inf when both are -inf (no NaN).
+// Also returns share_q = w_q q / m in [0, 1], which the skew gradients use.
+struct MixLog {
+  float log_m, share_q;
+};
+
+DK_HD MixLog mix_log(float x, float y) {
+  const bool q_larger = !(x > y);
+  const float hi = q_larger ? y : x;
+  const float lo = q_larger ? x : y;
+  const float e = fexp(lo - hi);  // in [0, 1]
+  const float one_e = 1.0f + e;
+  const bool empty = hi == kNegInf;
+  MixLog r;
+  r.log_m = empty ? kNegInf : hi + flog_1_2(one_e);
+  r.share_q = empty ? 0.0f : (q_larger ? 1.0f : e) / one_e;
+  return r;
+}
+
+// -- per-element divergence terms ---------------------------------------------
+// d_j with sum_j d_j = D, and h_j = q_j dD/dq_j (docs/DESIGN.md table). A term
+// weighted by p_j = 0 (resp. q_j = 0) is exactly 0: -inf teacher logits never
+// give NaN. Reverse-type terms are +inf where q_j > 0 and p_j = 0.
+template <int DIV>
+DK_HD void div_terms(float log_p, float log_q, float p, float q, const MixParams& mp, float& d, float& h) {
+  if constexpr (DIV == kForwardKL) {
+    d = p > 0.0f ? p * (log_p - log_q) : 0.0f;
+    h = -p;
+  } else if constexpr (DIV == kReverseKL) {
+    d = q > 0.0f ? q * (log_q - log_p) : 0.0f;
+    h = d;
+  } else if constexpr (DIV == kJSD) {
+    const MixLog ml = mix_log(mp.lw_p + log_p, mp.lw_q + log_q);
+    const float kp = p > 0.0f ? p * (log_p - ml.log_m) : 0.0f;
+    const float kq = q > 0.0f ? q * (log_q - ml.log_m) : 0.0f;
+    d = mp.w_p * kp + mp.w_q * kq;
+    h = mp.w_q * kq;
+  } else if constexpr (DIV == kSkewForwardKL) {
+    // h = -(1-a) p q / m = -p * share_q
+    const MixLog ml = mix_log(mp.lw_p + log_p, mp.lw_q + log_q);
+    d = p > 0.0f ? p * (log_p - ml.log_m) : 0.0f;
+    h = -p * ml.share_q;
+  } else if constexpr (DIV == kSkewReverseKL) {
+    // h = q (log q - log m) - a q^2 / m = d - q * share_q
+    const MixLog ml = mix_log(mp.lw_p + log_p, mp.lw_q + log_q);
+    d = q > 0.0f ? q * (log_q - ml.log_m) : 0.0f;
+    h = d - q * ml.share_q;
+  } else if constexpr (DIV == kTVD) {
+    const float diff = q - p;
+    d = 0.5f * (diff < 0.0f ? -diff : diff);
+    h = diff > 0.0f ? 0.5f * q : (diff < 0.0f ? -0.5f * q : 0.0f);
+  } else {
+    d = 0.0f;
+    h = 0.0f;
+  }
+}
+
+// dD/db_k = h_k - q_k c. For forward KL (h = -p, c = -1) this is q - p, written
+// without the cancellation and without reading c.
+template <int DIV>
+DK_HD float div_grad(float log_p, float log_q, float p, float q, float c, const MixParams& mp) {
+  if constexpr (DIV == kForwardKL) {
+    return q - p;
+  } else {
+    float d, h;
+    div_terms<DIV>(log_p, log_q, p, q, mp, d, h);
+    return h - q * c;
+  }
+}
+
+// -- cross-entropy ------------------------------------------------------------
+// A label takes part in CE when it is not ignore_index and lies in [0, V);
+// otherwise ce = 0 and its gradient is 0, and the label is never dereferenced.
+DK_HD bool label_valid(int64_t y, int64_t vocab, int64_t ignore_index) {
+  return y != ignore_index && y >= 0 && y < vocab;
+}
+
+}  // namespace distillkit
