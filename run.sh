@@ -25,7 +25,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     # The extension builds against the installed torch, so torch comes first and the
     # package is built without build isolation (which would fetch a second torch).
     python -m pip install --quiet "torch>=2.6" "setuptools>=77" wheel
-    python -m pip install --quiet --no-build-isolation -e ".[test,train,plot]"
+    python -m pip install --quiet --no-build-isolation -e ".[test,train,plot,collect]"
     echo "$digest" > "$stamp"
 fi
 

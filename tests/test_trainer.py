@@ -234,26 +234,32 @@ def test_micro_batches_add_up_to_the_batch(workspace, tmp_path, logits_free, dty
 
 
 def test_gradient_accumulation_in_training_matches_one_batch(workspace, tmp_path):
-    """Trainer end to end: batch 8 x 1 step == batch 2 x 4 accumulation steps (same data, same updates)."""
+    """Trainer end to end: batch 8 x 1 step == batch 2 x 4 accumulation steps (same data, same updates).
+
+    Plain SGD, and the comparison is on the parameter updates: Adam divides by sqrt(v), which
+    turns the fp32 summation-order noise of a near-zero gradient into an update of order lr."""
     curriculum = CurriculumConfig(initial_competence=0.4, warmup=1.0, ramp=0.3)
     runs = {}
     for bs, ga in ((8, 1), (2, 4)):
         student, teacher = models(workspace)
+        initial = [p.detach().clone() for p in student.parameters()]
         config = DistillationConfig(divergence="jsd", temperature=2.0, span_weights=SPAN_WEIGHTS,
                                     learnable_span_weights=True, curriculum=curriculum)
         trainer = make_trainer(workspace, tmp_path / f"bs{bs}", student, teacher, config=config, max_steps=2,
-                               per_device_train_batch_size=bs, gradient_accumulation_steps=ga, learning_rate=3e-3)
+                               per_device_train_batch_size=bs, gradient_accumulation_steps=ga, learning_rate=0.5,
+                               optim="sgd")
         trainer.train()
-        runs[bs] = (train_logs(trainer), [p.detach().clone() for p in student.parameters()],
-                    trainer.loss_fn.log_vars.detach().clone())
-    (logs8, params8, lv8), (logs2, params2, lv2) = runs[8], runs[2]
+        updates = [p.detach() - p0 for p, p0 in zip(student.parameters(), initial)]
+        runs[bs] = (train_logs(trainer), updates, trainer.loss_fn.log_vars.detach().clone())
+    (logs8, updates8, lv8), (logs2, updates2, lv2) = runs[8], runs[2]
     for a, b in zip(logs8, logs2):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["curriculum/mean_weight"] == pytest.approx(b["curriculum/mean_weight"], rel=1e-6)
         for key in ("kl/reason", "ce/action"):
             assert a[key] == pytest.approx(b[key], rel=1e-5)
-    for a, b in zip(params8, params2):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(updates8, updates2):
+        assert a.abs().max() > 0  # every parameter moved
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
     torch.testing.assert_close(lv8, lv2, rtol=1e-4, atol=1e-6)
     assert lv8.abs().max() > 0  # the span weights did train
 
