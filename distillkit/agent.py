@@ -34,6 +34,7 @@ and memoize proposals per exact context, so sweeping thresholds is cheap.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -122,6 +123,17 @@ def _encode(tokenizer, text: str) -> list[int]:
     if isinstance(tokenizer, Tokenizer):
         return tokenizer.encode(text, add_special_tokens=False).ids
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _kv_cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in newer transformers, else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _kv_cache_of(output):
+    """The KV cache of a causal-LM output, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _decode(tokenizer, ids: Sequence[int]) -> str:
@@ -238,7 +250,8 @@ class LMPolicy:
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = _kv_cache_of(out), out.logits[:, -1]
+        cache_kwarg = _kv_cache_kwarg(model)
         next_pos = positions[:, -1] + 1
         generated: list[list[int]] = [[] for _ in range(size)]
         probs_out: list[list[float]] = [[] for _ in range(size)]
@@ -277,8 +290,8 @@ class LMPolicy:
             mask = torch.cat([mask, mask.new_ones(size, 1)], dim=1)
             step_ids = torch.tensor(top_id, device=device).unsqueeze(1)
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos.unsqueeze(1),
-                        past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+                        use_cache=True, **{cache_kwarg: past})
+            past, logits = _kv_cache_of(out), out.logits[:, -1]
             next_pos = next_pos + 1
         proposals = []
         for row in range(size):
