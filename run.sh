@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up on a fresh machine, then runs a job:
-#   bash run.sh compare [args]   the main job: every backend against the float64 reference
+#   bash run.sh demo [args]      the main job (also with no job named): end-to-end agent distillation
+#   bash run.sh compare [args]   every backend against the float64 reference
 #   bash run.sh test [args]      the test suite
 #   bash run.sh <cmd> [args]     any distillkit subcommand (env, kernels, bench, ...)
 # Creates ./.venv (or uses $DISTILLKIT_VENV), installs torch, the package and its
@@ -29,7 +30,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     echo "$digest" > "$stamp"
 fi
 
-job=${1:-compare}
+job=${1:-demo}
 shift || true
 case "$job" in
     test)
