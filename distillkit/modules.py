@@ -78,9 +78,11 @@ class SpanDistillationLoss(nn.Module):
     effective weight is w_k * exp(-s_k) and s_k is added to the loss, so the weights cannot collapse
     to zero.
 
-    forward(student_logits, teacher_logits, labels, span_ids, *, sample_weight=None, normalizer=None)
-    returns the loss; `self.last_components` then holds detached per-span sums (kl/<span>, ce/<span>)
-    and token counts for logging.
+    forward(student_logits, teacher_logits, labels, span_ids, *, sample_weight=None, normalizer=None,
+    regularizer_scale=1.0) returns the loss; `self.last_components` then holds detached per-span sums
+    (kl/<span>, ce/<span>) and token counts for logging. Under gradient accumulation with learnable
+    weights, pass each micro-batch's share of the accumulated batch as regularizer_scale (e.g. its
+    label tokens / normalizer) so that sum_k s_k is counted once per optimizer step, not per call.
     """
 
     def __init__(self, span_weights: Optional[SpanWeights] = None, divergence: str = "forward_kl", *,
@@ -113,7 +115,7 @@ class SpanDistillationLoss(nn.Module):
         return self.weight_table * torch.exp(-self.log_vars)
 
     def forward(self, student_logits, teacher_logits, labels, span_ids, *,
-                sample_weight: Optional[torch.Tensor] = None, normalizer=None):
+                sample_weight: Optional[torch.Tensor] = None, normalizer=None, regularizer_scale=1.0):
         if span_ids.shape != student_logits.shape[:-1]:
             raise ValueError(f"span_ids has shape {tuple(span_ids.shape)} but must match the leading shape "
                              f"{tuple(student_logits.shape[:-1])} of student_logits")
@@ -135,9 +137,14 @@ class SpanDistillationLoss(nn.Module):
                                 normalizer=normalizer)
         self.last_components = self._components(terms, span_ids)
         if self.log_vars is not None:
-            active = self.weight_table != 0
-            loss = loss + (self.log_vars * active).sum()
+            loss = loss + regularizer_scale * self.regularizer()
         return loss
+
+    def regularizer(self) -> torch.Tensor:
+        """sum_k s_k over the learned entries (0-dim); added to the loss so weights cannot collapse to 0."""
+        if self.log_vars is None:
+            raise ValueError("regularizer() needs learnable=True")
+        return (self.log_vars * (self.weight_table != 0)).sum()
 
     @torch.no_grad()
     def _components(self, terms, span_ids) -> dict[str, torch.Tensor]:

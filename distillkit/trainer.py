@@ -543,14 +543,12 @@ class DistillationTrainer(Trainer):
                 ignore_index=cfg.ignore_index, reduction="mean", normalizer=normalizer, backend=cfg.backend,
                 check_labels=cfg.check_labels, vocab_mismatch=cfg.vocab_mismatch, chunk_size=cfg.chunk_size)
             if self.loss_fn.log_vars is not None:
-                loss = loss + reg_scale * self._regularizer()
+                loss = loss + reg_scale * self.loss_fn.regularizer()
             if record:
                 self._record(self._hidden_components(hidden, head, t_hidden, t_head, targets, target_spans))
         else:
             loss = self.loss_fn(outputs.logits, teacher_logits, targets, target_spans, sample_weight=sample_weight,
-                                normalizer=normalizer)
-            if self.loss_fn.log_vars is not None and not (isinstance(reg_scale, float) and reg_scale == 1.0):
-                loss = loss + (reg_scale - 1.0) * self._regularizer()  # the module added it once
+                                normalizer=normalizer, regularizer_scale=reg_scale)
             if record:
                 self._record(self.loss_fn.last_components)
 
@@ -559,9 +557,6 @@ class DistillationTrainer(Trainer):
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
-
-    def _regularizer(self) -> torch.Tensor:
-        return (self.loss_fn.log_vars * (self.loss_fn.weight_table != 0)).sum()
 
     @torch.no_grad()
     def _hidden_components(self, hidden, head, t_hidden, t_head, targets, spans) -> dict[str, torch.Tensor]:

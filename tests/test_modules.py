@@ -79,6 +79,39 @@ def test_learnable_weights_do_not_collapse():
     assert table[Span.OBSERVATION].abs().sum() == 0
 
 
+def test_learnable_regularizer_counted_once_over_micro_batches():
+    """Two micro-batches, each with its share of the tokens as regularizer_scale, give the loss and the
+    gradients (student and log-variances) of the whole batch in one call."""
+    student, teacher, labels, spans = batch()
+    module = SpanDistillationLoss({"reason": (1.0, 0.0), "action": (0.5, 1.0), "answer": (1.0, 0.2)},
+                                  learnable=True, backend="torch")
+    with torch.no_grad():
+        module.log_vars.uniform_(-0.5, 0.5)
+    n = int((labels != -100).sum())
+
+    def run(rows_per_call):
+        student.grad, module.log_vars.grad = None, None
+        total = 0.0
+        for rows in rows_per_call:
+            share = float((labels[rows] != -100).sum()) / n
+            loss = module(student[rows], teacher[rows], labels[rows], spans[rows], normalizer=n,
+                          regularizer_scale=share)
+            loss.backward()
+            total = total + loss.detach()
+        return total, student.grad.clone(), module.log_vars.grad.clone()
+
+    whole = run([slice(0, 2)])
+    parts = run([slice(0, 1), slice(1, 2)])
+    for a, b in zip(parts, whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert whole[2].abs().sum() > 0
+    # Without the scale, the regularizer would be counted once per call.
+    module.log_vars.grad = None
+    naive = sum(module(student[r], teacher[r], labels[r], spans[r], normalizer=n).detach()
+                for r in (slice(0, 1), slice(1, 2)))
+    assert float(naive - whole[0]) == pytest.approx(float(module.regularizer().detach()), rel=1e-5)
+
+
 def test_span_table_errors():
     with pytest.raises(ValueError, match="span_weights has unknown span 'thinking'"):
         SpanDistillationLoss({"thinking": (1.0, 0.0)})
