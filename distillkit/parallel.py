@@ -88,6 +88,9 @@ def _default_vocab_start(group, rank: int, world: int, shard_size: int) -> int:
     collectives, so pass vocab_start explicitly whenever the layout is not fixed."""
     if world == 1:
         return 0
+    if torch.compiler.is_compiling():
+        raise ValueError("vocab_start is needed under torch.compile: the default all-gathers the shard sizes "
+                         "(a host-level collective); pass vocab_start (e.g. from vocab_shard_range)")
     key = (id(group), rank, shard_size)
     hit = _VOCAB_STARTS.get(key)
     if hit is None:
@@ -202,130 +205,187 @@ def _shard_backward(impl, grad_div, grad_ce, student, teacher, local_labels, sta
     return grad
 
 
-# -- the autograd function ------------------------------------------------------------------------
+# -- the custom ops -------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile, so fullgraph=True holds) that take the process group by name, as
+# torch's functional collectives do: a ProcessGroup is not a custom-op argument type.
 
-class _VocabParallelRows(torch.autograd.Function):
-    """(student shard, teacher shard, global labels) -> global per-row (D, ce, valid label), replicated."""
+def _group_name(group) -> str:
+    return "" if group is None else group.group_name
 
-    @staticmethod
-    def forward(ctx, student, teacher, labels, group, world, vocab_start, div_id, mix, temperature, ignore_index,
-                with_ce, div_vocab, backend):
-        lead, vocab, dev = student.shape[:-1], student.shape[-1], student.device
-        with_div = div_id != NO_DIVERGENCE
-        zeros = torch.zeros(lead, dtype=torch.float32, device=dev)
 
-        local = None
-        if with_ce:
-            labels = labels.long()
-            in_shard = (labels != ignore_index) & (labels >= vocab_start) & (labels < vocab_start + vocab)
-            # Out-of-shard (or ignored) labels become -1: outside [0, V_r), so the shard's one-hot is empty.
-            local = torch.where(in_shard, labels - vocab_start, -1)
-            if vocab > 0:
-                target = student.gather(-1, local.clamp_min(0).unsqueeze(-1)).squeeze(-1).float()
-                target = torch.where(in_shard, target, 0.0)
-            else:
-                target = zeros
+def _resolve_group(group_name: str):
+    if not group_name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
 
-        # 1. Shard statistics from the core op. The mixture divergences only need the shard's normalizers
-        #    here, which the forward-KL variant computes in one online pass (their D comes in step 3).
-        #    An empty shard (or an empty shared part under "truncate") contributes lse = -inf.
-        run_div, run_ce = with_div and div_vocab > 0, with_ce and vocab > 0
-        local_div_id = div_id if div_id in (NO_DIVERGENCE, _FORWARD_KL, _REVERSE_KL) else _FORWARD_KL
-        div_r, stats_r = zeros, torch.full((*lead, 4), _NEG_INF, dtype=torch.float32, device=dev)
-        if run_div or run_ce:
-            div_r, _, stats_op = torch.ops.distillkit.distill_rows(
-                student, teacher if run_div else None, local if run_ce else None,
-                local_div_id if run_div else NO_DIVERGENCE, float(mix), float(temperature), int(ignore_index),
-                run_ce, div_vocab if run_div else vocab, backend)
-            if run_div:
-                stats_r[..., :2] = stats_op[..., :2]
-            if run_ce:
-                stats_r[..., 3] = stats_op[..., 3]
+    return _resolve_process_group(group_name)
 
-        # 2. MAX then SUM all-reduce of the per-row partials.
-        lse_cols = ([stats_r[..., 0], stats_r[..., 1]] if with_div else []) + ([stats_r[..., 3]] if with_ce else [])
-        lse_a = lse_b = lse1 = c = zeros
-        div, ce = zeros.clone(), zeros.clone()  # two distinct outputs even when both are 0
-        valid = torch.zeros(lead, dtype=torch.bool, device=dev)
-        if lse_cols:
-            lse_local = torch.stack(lse_cols, -1)
-            lse_max = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX, group, world)
-            lse_ref = torch.where(lse_max == _NEG_INF, 0.0, lse_max)  # exp(-inf - -inf) would be NaN
-            weight = torch.exp(lse_local - lse_ref)  # exp(lse_r - max): this shard's share of exp(LSE)
-            sum_cols = [weight]
-            if div_id in (_FORWARD_KL, _REVERSE_KL):
-                # Shard KL with its own normalizers: div_r = sum_r p_r (x - y) - lse_x_r + lse_y_r (x = a, y = b
-                # for forward, swapped for reverse), so sum_r p_r (x - y) = div_r + lse_x_r - lse_y_r.
-                i_x, i_y = (0, 1) if div_id == _FORWARD_KL else (1, 0)
-                lse_x, lse_y = lse_local[..., i_x], lse_local[..., i_y]
-                # A shard whose y side is all -inf while x has mass: the core kernel's div_r is NaN (inf - inf);
-                # the true term is +inf.
-                inner = torch.where(lse_y == _NEG_INF, float("inf"), div_r + lse_x - lse_y)
-                w_x = weight[..., i_x]
-                sum_cols.append(torch.where(w_x > 0, w_x * inner, 0.0).unsqueeze(-1))
-            if with_ce:
-                sum_cols.append(torch.stack([target, in_shard.float()], -1))
-            sums = _all_reduce(torch.cat(sum_cols, -1), dist.ReduceOp.SUM, group, world)
-            lse_global = lse_ref + torch.log(sums[..., :len(lse_cols)])
-            k = len(lse_cols)
-            if with_div:
-                lse_a, lse_b = lse_global[..., 0], lse_global[..., 1]
-                if div_id in (_FORWARD_KL, _REVERSE_KL):
-                    z_x = sums[..., i_x]
-                    div = sums[..., k] / z_x - lse_global[..., i_x] + lse_global[..., i_y]
-                    c = torch.full_like(div, -1.0) if div_id == _FORWARD_KL else div
-                    k += 1
-            if with_ce:
-                lse1 = lse_global[..., -1]
-                valid = sums[..., k + 1] > 0.5
-                ce = torch.where(valid, lse1 - sums[..., k], 0.0)
 
-        stats = torch.stack([lse_a, lse_b, c, lse1], -1).contiguous()
-        impl = _shard_impl(backend)
-        if with_div and div_id not in (_FORWARD_KL, _REVERSE_KL):
-            # 3. Mixture divergences: sum d, sum h over the shard with the global normalizers.
-            d, h = _shard_terms(impl, student, teacher, stats, div_id, mix, temperature, div_vocab)
-            dh = _all_reduce(torch.stack([d, h], -1), dist.ReduceOp.SUM, group, world)
-            div = dh[..., 0]
-            stats = torch.stack([lse_a, lse_b, dh[..., 1], lse1], -1).contiguous()
+def _local_labels(labels, ignore_index: int, vocab_start: int, vocab: int):
+    """(label index inside this shard or -1, label is in this shard): out-of-shard and ignored labels
+    become -1, outside [0, V_r), so the shard's one-hot is empty."""
+    labels = labels.long()
+    in_shard = (labels != ignore_index) & (labels >= vocab_start) & (labels < vocab_start + vocab)
+    return torch.where(in_shard, labels - vocab_start, -1), in_shard
 
-        ctx.save_for_backward(student, teacher if with_div else None, local, stats, valid)
-        ctx.options = (div_id, mix, temperature, ignore_index, with_ce, div_vocab, backend, impl)
-        ctx.mark_non_differentiable(valid)
-        return div.contiguous(), ce.contiguous(), valid
 
-    @staticmethod
-    def backward(ctx, grad_div, grad_ce, _grad_valid):
-        nones = (None,) * 12
-        if not ctx.needs_input_grad[0]:
-            return (None, *nones)
-        student, teacher, local, stats, valid = ctx.saved_tensors
-        div_id, mix, temperature, ignore_index, with_ce, div_vocab, backend, impl = ctx.options
-        zeros = torch.zeros_like(stats[..., 0])
-        grad_div = zeros if grad_div is None else grad_div
-        grad_ce = zeros if grad_ce is None else grad_ce
-        if student.shape[-1] == 0:
-            grad = torch.empty_like(student)
-        elif not with_ce and div_vocab > 0:
-            # Divergence only: the core backward is shard-local once it has the global stats.
-            grad = torch.ops.distillkit.distill_rows_backward(
-                grad_div, zeros, student, teacher, None, stats, div_id, float(mix), float(temperature),
-                int(ignore_index), False, div_vocab, backend)
+@torch.library.custom_op("distillkit::vocab_parallel_rows", mutates_args=())
+def vocab_parallel_rows(
+    student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor], group_name: str,
+    world: int, vocab_start: int, div_id: int, mix: float, temperature: float, ignore_index: int,
+    with_ce: bool, div_vocab: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student shard, teacher shard, global labels) -> global per-row (D, ce, valid label, stats), replicated
+    on every rank of the group; stats [..., 4] are the global (lse_a, lse_b, c, lse_1) the backward needs."""
+    group = _resolve_group(group_name) if world > 1 else None
+    lead, vocab, dev = student.shape[:-1], student.shape[-1], student.device
+    with_div = div_id != NO_DIVERGENCE
+    zeros = torch.zeros(lead, dtype=torch.float32, device=dev)
+
+    local = None
+    if with_ce:
+        local, in_shard = _local_labels(labels, ignore_index, vocab_start, vocab)
+        if vocab > 0:
+            target = student.gather(-1, local.clamp_min(0).unsqueeze(-1)).squeeze(-1).float()
+            target = torch.where(in_shard, target, 0.0)
         else:
-            # The core backward drops the CE gradient of a row whose label is out of range, i.e. in another
-            # shard, where this shard still needs grad_ce * softmax(s): the shard backward takes the validity
-            # of the global label through grad_ce and uses the local label for the one-hot only.
-            grad_ce = torch.where(valid, grad_ce.float(), 0.0)
-            grad = _shard_backward(impl, grad_div, grad_ce, student, teacher, local, stats, div_id, mix,
-                                   temperature, with_ce, div_vocab)
-        return (grad, *nones)
+            target = zeros
+
+    # 1. Shard statistics from the core op. The mixture divergences only need the shard's normalizers
+    #    here, which the forward-KL variant computes in one online pass (their D comes in step 3).
+    #    An empty shard (or an empty shared part under "truncate") contributes lse = -inf.
+    run_div, run_ce = with_div and div_vocab > 0, with_ce and vocab > 0
+    local_div_id = div_id if div_id in (NO_DIVERGENCE, _FORWARD_KL, _REVERSE_KL) else _FORWARD_KL
+    div_r, stats_r = zeros, torch.full((*lead, 4), _NEG_INF, dtype=torch.float32, device=dev)
+    if run_div or run_ce:
+        div_r, _, stats_op = torch.ops.distillkit.distill_rows(
+            student, teacher if run_div else None, local if run_ce else None,
+            local_div_id if run_div else NO_DIVERGENCE, float(mix), float(temperature), int(ignore_index),
+            run_ce, div_vocab if run_div else vocab, backend)
+        if run_div:
+            stats_r[..., :2] = stats_op[..., :2]
+        if run_ce:
+            stats_r[..., 3] = stats_op[..., 3]
+
+    # 2. MAX then SUM all-reduce of the per-row partials.
+    lse_cols = ([stats_r[..., 0], stats_r[..., 1]] if with_div else []) + ([stats_r[..., 3]] if with_ce else [])
+    lse_a = lse_b = lse1 = c = zeros
+    div, ce = zeros.clone(), zeros.clone()  # two distinct outputs even when both are 0
+    valid = torch.zeros(lead, dtype=torch.bool, device=dev)
+    if lse_cols:
+        lse_local = torch.stack(lse_cols, -1)
+        lse_max = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX, group, world)
+        lse_ref = torch.where(lse_max == _NEG_INF, 0.0, lse_max)  # exp(-inf - -inf) would be NaN
+        weight = torch.exp(lse_local - lse_ref)  # exp(lse_r - max): this shard's share of exp(LSE)
+        sum_cols = [weight]
+        if div_id in (_FORWARD_KL, _REVERSE_KL):
+            # Shard KL with its own normalizers: div_r = sum_r p_r (x - y) - lse_x_r + lse_y_r (x = a, y = b
+            # for forward, swapped for reverse), so sum_r p_r (x - y) = div_r + lse_x_r - lse_y_r.
+            i_x, i_y = (0, 1) if div_id == _FORWARD_KL else (1, 0)
+            lse_x, lse_y = lse_local[..., i_x], lse_local[..., i_y]
+            # A shard whose y side is all -inf while x has mass: the core kernel's div_r is NaN (inf - inf);
+            # the true term is +inf.
+            inner = torch.where(lse_y == _NEG_INF, float("inf"), div_r + lse_x - lse_y)
+            w_x = weight[..., i_x]
+            sum_cols.append(torch.where(w_x > 0, w_x * inner, 0.0).unsqueeze(-1))
+        if with_ce:
+            sum_cols.append(torch.stack([target, in_shard.float()], -1))
+        sums = _all_reduce(torch.cat(sum_cols, -1), dist.ReduceOp.SUM, group, world)
+        lse_global = lse_ref + torch.log(sums[..., :len(lse_cols)])
+        k = len(lse_cols)
+        if with_div:
+            lse_a, lse_b = lse_global[..., 0], lse_global[..., 1]
+            if div_id in (_FORWARD_KL, _REVERSE_KL):
+                z_x = sums[..., i_x]
+                div = sums[..., k] / z_x - lse_global[..., i_x] + lse_global[..., i_y]
+                c = torch.full_like(div, -1.0) if div_id == _FORWARD_KL else div
+                k += 1
+        if with_ce:
+            lse1 = lse_global[..., -1]
+            valid = sums[..., k + 1] > 0.5
+            ce = torch.where(valid, lse1 - sums[..., k], 0.0)
+
+    stats = torch.stack([lse_a, lse_b, c, lse1], -1).contiguous()
+    impl = _shard_impl(backend)
+    if with_div and div_id not in (_FORWARD_KL, _REVERSE_KL):
+        # 3. Mixture divergences: sum d, sum h over the shard with the global normalizers.
+        d, h = _shard_terms(impl, student, teacher, stats, div_id, mix, temperature, div_vocab)
+        dh = _all_reduce(torch.stack([d, h], -1), dist.ReduceOp.SUM, group, world)
+        div = dh[..., 0]
+        stats = torch.stack([lse_a, lse_b, dh[..., 1], lse1], -1).contiguous()
+
+    return div.contiguous(), ce.contiguous(), valid, stats
 
 
-@torch.compiler.disable
+@vocab_parallel_rows.register_fake
+def _(student, teacher, labels, group_name, world, vocab_start, div_id, mix, temperature, ignore_index, with_ce,
+      div_vocab, backend):
+    lead, f32 = student.shape[:-1], dict(dtype=torch.float32)
+    return (student.new_empty(lead, **f32), student.new_empty(lead, **f32),
+            student.new_empty(lead, dtype=torch.bool), student.new_empty((*lead, 4), **f32))
+
+
+@torch.library.custom_op("distillkit::vocab_parallel_rows_backward", mutates_args=())
+def vocab_parallel_rows_backward(
+    grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tensor, teacher: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor], stats: torch.Tensor, valid: torch.Tensor, vocab_start: int, div_id: int,
+    mix: float, temperature: float, ignore_index: int, with_ce: bool, div_vocab: int, backend: str,
+) -> torch.Tensor:
+    """This shard's slice of the student gradient; no communication (the forward made stats global)."""
+    if student.shape[-1] == 0:
+        return torch.empty_like(student)
+    if not with_ce and div_vocab > 0:
+        # Divergence only: the core backward is shard-local once it has the global stats.
+        return torch.ops.distillkit.distill_rows_backward(
+            grad_div, torch.zeros_like(grad_div), student, teacher, None, stats, div_id, float(mix),
+            float(temperature), int(ignore_index), False, div_vocab, backend)
+    # The core backward drops the CE gradient of a row whose label is out of range, i.e. in another shard,
+    # where this shard still needs grad_ce * softmax(s): the shard backward takes the validity of the global
+    # label through grad_ce and uses the local label for the one-hot only.
+    local = _local_labels(labels, ignore_index, vocab_start, student.shape[-1])[0] if with_ce else None
+    grad_ce = torch.where(valid, grad_ce.float(), 0.0)
+    return _shard_backward(_shard_impl(backend), grad_div, grad_ce, student, teacher, local, stats, div_id, mix,
+                           temperature, with_ce, div_vocab)
+
+
+@vocab_parallel_rows_backward.register_fake
+def _(grad_div, grad_ce, student, teacher, labels, stats, valid, vocab_start, div_id, mix, temperature,
+      ignore_index, with_ce, div_vocab, backend):
+    return torch.empty_like(student)
+
+
+_ROWS_ARGS = ("student", "teacher", "labels", "group_name", "world", "vocab_start", "div_id", "mix", "temperature",
+              "ignore_index", "with_ce", "div_vocab", "backend")
+
+
+def _rows_setup_context(ctx, inputs, output):
+    student, teacher, labels, _group_name_, _world, vocab_start, *options = inputs
+    _, _, valid, stats = output
+    ctx.save_for_backward(student, teacher, labels, stats, valid)
+    ctx.vocab_start, ctx.options = vocab_start, tuple(options)  # div_id, mix, T, ignore_index, with_ce, div_vocab, backend
+    ctx.mark_non_differentiable(valid, stats)
+
+
+def _rows_backward(ctx, grad_div, grad_ce, _grad_valid, _grad_stats):
+    if not ctx.needs_input_grad[0]:
+        return tuple(None for _ in _ROWS_ARGS)
+    student, teacher, labels, stats, valid = ctx.saved_tensors
+    zeros = torch.zeros_like(stats[..., 0])
+    grad = vocab_parallel_rows_backward(zeros if grad_div is None else grad_div,
+                                        zeros if grad_ce is None else grad_ce, student, teacher, labels, stats,
+                                        valid, ctx.vocab_start, *ctx.options)
+    return (grad,) + tuple(None for _ in _ROWS_ARGS[1:])
+
+
+vocab_parallel_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
+
+
 def _rows(student, teacher, labels, group, world, vocab_start, div_id, mix, temperature, ignore_index, with_ce,
           div_vocab, backend):
-    return _VocabParallelRows.apply(student, teacher, labels, group, world, vocab_start, div_id, mix, temperature,
-                                    ignore_index, with_ce, div_vocab, backend)
+    div, ce, valid, _ = vocab_parallel_rows(student, teacher, labels, _group_name(group) if world > 1 else "",
+                                            world, vocab_start, div_id, mix, temperature, ignore_index, with_ce,
+                                            div_vocab, backend)
+    return div, ce, valid
 
 
 # -- public API -----------------------------------------------------------------------------------
