@@ -196,25 +196,15 @@ def distill_forward_kernel(
 
 
 @triton.jit
-def distill_backward_kernel(
-    grad_div_ptr, grad_ce_ptr, student_ptr, teacher_ptr, labels_ptr, stats_ptr, grad_ptr,
+def _store_grad_block(
+    row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-    vocab_size, div_vocab_size, mix, inv_temperature, ignore_index,
+    vocab_size, div_vocab_size, mix, inv_temperature,
     DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Grid (rows, vocabulary blocks):
-    grad_s = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), in the student dtype."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_row = offs < vocab_size
-    g_div = tl.load(grad_div_ptr + row)
-    g_ce = g_div * 0.0
-    label = row * 0 - 1
-    if WITH_CE:
-        label = tl.load(labels_ptr + row)
-        valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
-        # ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
-        g_ce = tl.where(valid, tl.load(grad_ce_ptr + row), 0.0)
+    """One block of grad_s = g_div / T * (h - q c) + g_ce * (softmax(s) - onehot(label)) from the row's stats,
+    stored in the student dtype; shared by the core and the vocabulary-parallel backward kernels, which differ
+    only in how they decide g_ce and the label."""
     grad_row = grad_ptr + row * vocab_size
     out_dtype = grad_ptr.dtype.element_ty
 
@@ -249,3 +239,28 @@ def distill_backward_kernel(
                 onehot = tl.where(offs == label, 1.0, 0.0)
                 grad += g_ce * (softmax_s - onehot)
         tl.store(grad_row + offs, tl.where(in_row, grad, 0.0).to(out_dtype), mask=in_row)
+
+
+@triton.jit
+def distill_backward_kernel(
+    grad_div_ptr, grad_ce_ptr, student_ptr, teacher_ptr, labels_ptr, stats_ptr, grad_ptr,
+    s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
+    vocab_size, div_vocab_size, mix, inv_temperature, ignore_index,
+    DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Grid (rows, vocabulary blocks):
+    grad_s = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), in the student dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_row = offs < vocab_size
+    g_div = tl.load(grad_div_ptr + row)
+    g_ce = g_div * 0.0
+    label = row * 0 - 1
+    if WITH_CE:
+        label = tl.load(labels_ptr + row)
+        valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
+        # ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
+        g_ce = tl.where(valid, tl.load(grad_ce_ptr + row), 0.0)
+    _store_grad_block(row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
+                      s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
+                      vocab_size, div_vocab_size, mix, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)

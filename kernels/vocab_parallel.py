@@ -23,7 +23,7 @@ Stats rows follow the core layout: (lse(t/T), lse(s/T), c, lse(s)), here global 
 import triton
 import triton.language as tl
 
-from .distill import FORWARD_KL, NONE, NUM_STATS, _divergence_terms, _row_offset
+from .distill import NUM_STATS, _divergence_terms, _row_offset, _store_grad_block
 
 
 @triton.jit
@@ -79,35 +79,6 @@ def shard_backward_kernel(
     if WITH_CE:
         g_ce = tl.load(grad_ce_ptr + row)
         label = tl.load(labels_ptr + row)
-    grad_row = grad_ptr + row * vocab_size
-    out_dtype = grad_ptr.dtype.element_ty
-
-    if (g_div == 0) & (g_ce == 0):
-        tl.store(grad_row + offs, tl.zeros([BLOCK_V], tl.float32).to(out_dtype), mask=in_row)
-    else:
-        NEG_INF: tl.constexpr = float("-inf")
-        s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
-        stats_row = stats_ptr + row * NUM_STATS
-        s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
-        grad = tl.zeros([BLOCK_V], tl.float32)
-        if DIVERGENCE != NONE:
-            if g_div != 0:
-                t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
-                in_div = offs < div_vocab_size
-                a = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32) * inv_temperature
-                log_p = a - tl.load(stats_row + 0)
-                log_q = tl.where(in_div, s, NEG_INF) * inv_temperature - tl.load(stats_row + 1)
-                p = tl.exp(log_p)
-                q = tl.exp(log_q)
-                if DIVERGENCE == FORWARD_KL:
-                    d_db = q - p
-                else:
-                    _, h = _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE)
-                    d_db = h - q * tl.load(stats_row + 2)
-                grad += (g_div * inv_temperature) * d_db
-        if WITH_CE:
-            if g_ce != 0:
-                softmax_s = tl.exp(s - tl.load(stats_row + 3))
-                onehot = tl.where(offs == label, 1.0, 0.0)
-                grad += g_ce * (softmax_s - onehot)
-        tl.store(grad_row + offs, tl.where(in_row, grad, 0.0).to(out_dtype), mask=in_row)
+    _store_grad_block(row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
+                      s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
+                      vocab_size, div_vocab_size, mix, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)
