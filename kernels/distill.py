@@ -113,6 +113,28 @@ def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
+def _store_row_outputs(row, s_row, labels_ptr, div_ptr, ce_ptr, stats_ptr, div, stat0, stat1, stat2, m_s, z_s,
+                       ignore_index, vocab_size, WITH_CE: tl.constexpr):
+    """Store a row's D and ce = lse(s) - s[y] (0 for an ignored or out-of-range label; lse(s) from the
+    running (m_s, z_s)) and its stats (stat0, stat1, stat2, lse(s)); shared by the dense and top-k forwards."""
+    ce = div * 0.0
+    lse_s = div * 0.0
+    if WITH_CE:
+        lse_s = m_s + tl.log(z_s)
+        label = tl.load(labels_ptr + row)
+        valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
+        target = tl.load(s_row + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
+        ce = tl.where(valid, lse_s - target, 0.0)
+    tl.store(div_ptr + row, div)
+    tl.store(ce_ptr + row, ce)
+    stats_row = stats_ptr + row * NUM_STATS
+    tl.store(stats_row + 0, stat0)
+    tl.store(stats_row + 1, stat1)
+    tl.store(stats_row + 2, stat2)
+    tl.store(stats_row + 3, lse_s)
+
+
+@triton.jit
 def distill_forward_kernel(
     student_ptr, teacher_ptr, labels_ptr,
     div_ptr, ce_ptr, stats_ptr,
@@ -177,22 +199,8 @@ def distill_forward_kernel(
             div += tl.sum(tl.where(in_row, d, 0.0), 0)
             c += tl.sum(tl.where(in_row, h, 0.0), 0)
 
-    ce = zero
-    lse_s = zero
-    if WITH_CE:
-        lse_s = m_s + tl.log(z_s)
-        label = tl.load(labels_ptr + row)
-        valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
-        target = tl.load(s_row + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
-        ce = tl.where(valid, lse_s - target, 0.0)
-
-    tl.store(div_ptr + row, div)
-    tl.store(ce_ptr + row, ce)
-    stats_row = stats_ptr + row * NUM_STATS
-    tl.store(stats_row + 0, lse_a)
-    tl.store(stats_row + 1, lse_b)
-    tl.store(stats_row + 2, c)
-    tl.store(stats_row + 3, lse_s)
+    _store_row_outputs(row, s_row, labels_ptr, div_ptr, ce_ptr, stats_ptr, div, lse_a, lse_b, c, m_s, z_s,
+                       ignore_index, vocab_size, WITH_CE)
 
 
 @triton.jit

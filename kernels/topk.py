@@ -32,11 +32,9 @@ read of s and one write of the dense gradient (2 units).
 import triton
 import triton.language as tl
 
-NONE = tl.constexpr(0)
-FORWARD_KL = tl.constexpr(1)
-REVERSE_KL = tl.constexpr(2)
-
-NUM_STATS = tl.constexpr(4)  # per row: lse_norm (L for bucket, lse_k(g) for renormalize), lq_tail, D, lse(s)
+# The dense kernels' divergence ids and stats width; the top-k stats row is
+# (lse_norm (L for bucket, lse_k(g) for renormalize), lq_tail, D, lse(s)).
+from .distill import FORWARD_KL, NONE, NUM_STATS, REVERSE_KL, _store_row_outputs
 
 
 @triton.jit
@@ -127,22 +125,8 @@ def topk_forward_kernel(
             if BUCKET:
                 div += tl.where(q_tail > 0, q_tail * (lq_tail - lp_tail), 0.0)
 
-    ce = zero
-    lse_s = zero
-    if WITH_CE:
-        lse_s = m_s + tl.log(z_s)
-        label = tl.load(labels_ptr + row)
-        valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
-        target = tl.load(s_row + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
-        ce = tl.where(valid, lse_s - target, 0.0)
-
-    tl.store(div_ptr + row, div)
-    tl.store(ce_ptr + row, ce)
-    stats_row = stats_ptr + row * NUM_STATS
-    tl.store(stats_row + 0, lse_norm)
-    tl.store(stats_row + 1, lq_tail)
-    tl.store(stats_row + 2, div)
-    tl.store(stats_row + 3, lse_s)
+    _store_row_outputs(row, s_row, labels_ptr, div_ptr, ce_ptr, stats_ptr, div, lse_norm, lq_tail, div, m_s, z_s,
+                       ignore_index, vocab_size, WITH_CE)
 
 
 @triton.jit
