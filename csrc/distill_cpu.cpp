@@ -191,34 +191,6 @@ void backward_rows(const Args& a, int64_t begin, int64_t end) {
 }
 
 // -- dispatch -------------------------------------------------------------------------
-template <typename F>
-void dispatch_dtype(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(std::type_identity<float>{});
-    case at::kBFloat16: return f(std::type_identity<c10::BFloat16>{});
-    case at::kHalf: return f(std::type_identity<c10::Half>{});
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
-
-// f(integral_constant<DIV>, type_identity<TS>, type_identity<TT>); TT = TS when the teacher is not read.
-template <typename F>
-void dispatch(int64_t div, at::ScalarType ts, at::ScalarType tt, F&& f) {
-  dispatch_dtype(ts, [&](auto s_tag) {
-    if (div == kNone) return f(std::integral_constant<int, kNone>{}, s_tag, s_tag);
-    dispatch_dtype(tt, [&](auto t_tag) {
-      switch (div) {
-        case kForwardKL: return f(std::integral_constant<int, kForwardKL>{}, s_tag, t_tag);
-        case kReverseKL: return f(std::integral_constant<int, kReverseKL>{}, s_tag, t_tag);
-        case kJSD: return f(std::integral_constant<int, kJSD>{}, s_tag, t_tag);
-        case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{}, s_tag, t_tag);
-        case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{}, s_tag, t_tag);
-        default: return f(std::integral_constant<int, kTVD>{}, s_tag, t_tag);
-      }
-    });
-  });
-}
-
 Args make_args(const Rows& r, const at::Tensor& student, const std::optional<at::Tensor>& teacher,
                const std::optional<at::Tensor>& labels, int64_t divergence, double mix, double temperature,
                int64_t ignore_index, bool with_ce) {
@@ -287,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cpu(
   a.ce = ce.data_ptr<float>();
   a.stats = stats.data_ptr<float>();
   const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
-  dispatch(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+  dispatch<c10::BFloat16, c10::Half>(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
     using TS = typename decltype(s_tag)::type;
     using TT = typename decltype(t_tag)::type;
     parallel_rows(r.n, r.vocab, [&](int64_t b, int64_t e) { forward_rows<decltype(d)::value, TS, TT>(a, b, e); });
@@ -311,7 +283,7 @@ at::Tensor rows_backward_cpu(const at::Tensor& grad_div, const at::Tensor& grad_
   a.stats = const_cast<float*>(stats.data_ptr<float>());
   a.grad = grad.data_ptr();
   const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
-  dispatch(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+  dispatch<c10::BFloat16, c10::Half>(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
     using TS = typename decltype(s_tag)::type;
     using TT = typename decltype(t_tag)::type;
     parallel_rows(r.n, r.vocab, [&](int64_t b, int64_t e) { backward_rows<decltype(d)::value, TS, TT>(a, b, e); });

@@ -298,39 +298,6 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p
 }
 
 // -- host side ---------------------------------------------------------------------------
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(Tag<float>{});
-    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    case at::kHalf: return f(Tag<__half>{});
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
-
-// f(integral_constant<DIV>, Tag<TS>, Tag<TT>); TT = TS when the teacher is not read.
-template <typename F>
-void dispatch(int64_t div, at::ScalarType ts, at::ScalarType tt, F&& f) {
-  dispatch_dtype(ts, [&](auto s_tag) {
-    if (div == kNone) return f(std::integral_constant<int, kNone>{}, s_tag, s_tag);
-    dispatch_dtype(tt, [&](auto t_tag) {
-      switch (div) {
-        case kForwardKL: return f(std::integral_constant<int, kForwardKL>{}, s_tag, t_tag);
-        case kReverseKL: return f(std::integral_constant<int, kReverseKL>{}, s_tag, t_tag);
-        case kJSD: return f(std::integral_constant<int, kJSD>{}, s_tag, t_tag);
-        case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{}, s_tag, t_tag);
-        case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{}, s_tag, t_tag);
-        default: return f(std::integral_constant<int, kTVD>{}, s_tag, t_tag);
-      }
-    });
-  });
-}
-
 // DISTILLKIT_CUDA_PATH=stream forces the mixtures' forward onto the streaming path (tests
 // compare both); read per call, so a process can switch.
 bool force_stream() {
@@ -379,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cuda(
   const int64_t groups = (r.vocab + kVec - 1) / kVec + 1;  // upper bound over the row shifts
   const int threads = forward_threads(groups);
   const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
-  dispatch(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+  dispatch<__nv_bfloat16, __half>(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
     constexpr int DIV = decltype(d)::value;
     using TS = typename decltype(s_tag)::type;
     using TT = typename decltype(t_tag)::type;
@@ -437,7 +404,7 @@ at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad
                                       (kBwdThreads * kBwdGroupsPerThread)));
   const dim3 grid(static_cast<unsigned>(r.n), static_cast<unsigned>(parts));
   const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
-  dispatch(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+  dispatch<__nv_bfloat16, __half>(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
     using TS = typename decltype(s_tag)::type;
     using TT = typename decltype(t_tag)::type;
     backward_kernel<decltype(d)::value, TS, TT><<<grid, kBwdThreads, 0, stream>>>(p);
