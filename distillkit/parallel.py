@@ -513,16 +513,38 @@ def distill_loss_vocab_parallel(
 
 # -- composition with a column-parallel LM head ---------------------------------------------------
 
-class _ReplicatedInput(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, world):
-        ctx.group, ctx.world = group, world
-        return x.view_as(x)
+@torch.library.custom_op("distillkit::replicated_input", mutates_args=())
+def _replicated_input_op(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    """Identity (a copy: a custom op's output may not alias its input); the gradient is all-reduced."""
+    return x.clone()
 
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        return _all_reduce(grad, dist.ReduceOp.SUM, ctx.group, ctx.world), None, None
+
+@_replicated_input_op.register_fake
+def _(x, group_name, world):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("distillkit::group_sum", mutates_args=())
+def _group_sum(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    """Sum of x over the group (a fresh tensor)."""
+    return _all_reduce(x.contiguous().clone(), dist.ReduceOp.SUM, _resolve_group(group_name) if world > 1 else None,
+                       world)
+
+
+@_group_sum.register_fake
+def _(x, group_name, world):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _replicated_setup_context(ctx, inputs, output):
+    _, ctx.group_name, ctx.world = inputs
+
+
+def _replicated_backward(ctx, grad):
+    return _group_sum(grad, ctx.group_name, ctx.world), None, None
+
+
+_replicated_input_op.register_autograd(_replicated_backward, setup_context=_replicated_setup_context)
 
 
 def replicated_input(x: torch.Tensor, process_group=None) -> torch.Tensor:
@@ -530,4 +552,4 @@ def replicated_input(x: torch.Tensor, process_group=None) -> torch.Tensor:
     the group (the hidden state entering a column-parallel LM head) gets the gradient of every shard's
     logits (Megatron's "copy to tensor-parallel region"). DTensor's ColwiseParallel does this itself."""
     group, _, world = _group(process_group)
-    return _ReplicatedInput.apply(x, group, world)
+    return _replicated_input_op(x, _group_name(group) if world > 1 else "", world)

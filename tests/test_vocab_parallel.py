@@ -212,6 +212,19 @@ def _lm_head_worker(rank, world):
         result = compare(actual, expected, torch.float32, kind)
         assert result.ok, f"{name} on rank {rank}: {result.describe()}"
 
+    # The same under torch.compile(fullgraph=True) (vocab_start passed: the default would all-gather).
+    def head_loss(h, w, pg):
+        return distillkit.distill_loss(replicated_input(h, pg) @ w.T, teacher[:, start:stop], labels,
+                                       divergence="jsd", temperature=2.0, kl_weight=0.5, ce_weight=0.5,
+                                       backend="torch", process_group=pg, vocab_start=start)
+
+    h_c, w_c = hidden.clone().requires_grad_(), weight[start:stop].clone().requires_grad_()
+    compiled = torch.compile(head_loss, fullgraph=True, backend="aot_eager")(h_c, w_c, torch.distributed.group.WORLD)
+    compiled.backward()
+    torch.testing.assert_close(compiled.detach(), loss.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(h_c.grad, h_par.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w_c.grad, w_par.grad, rtol=1e-6, atol=1e-7)
+
 
 def test_column_parallel_lm_head_with_default_vocab_start():
     spawn(_lm_head_worker)
@@ -258,7 +271,7 @@ def test_labels_outside_every_shard_raise():
 
 def _compile_worker(rank, world):
     """torch.compile(fullgraph=True) of the vocabulary-parallel loss (the op takes the group by name) equals
-    eager, gradient included; torch.library.opcheck passes on both custom ops with a live group."""
+    eager, gradient included; torch.library.opcheck passes on its custom ops with a live group."""
     case = dict(divergence="jsd", ce=True, weights="per_token", reduction="mean", temperature=2.0,
                 layout=(23, 14), dtype=torch.float32)
     student, teacher, labels, kl, ce, _ = _inputs(case, seed=11)
@@ -290,6 +303,9 @@ def _compile_worker(rank, world):
     torch.library.opcheck(torch.ops.distillkit.vocab_parallel_rows_backward.default,
                           (*grads, s.detach(), args[1], labels, stats, valid, start, args[6], 0.5, 2.0, -100, True,
                            stop - start, "torch"))
+    x = torch.randn(4, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.distillkit.replicated_input.default, (x, group.group_name, world))
+    torch.library.opcheck(torch.ops.distillkit.group_sum.default, (x.detach(), group.group_name, world))
 
 
 def test_torch_compile_fullgraph_and_opcheck():
