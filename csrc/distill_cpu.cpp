@@ -38,16 +38,10 @@
 namespace distillkit::cpu {
 
 // -- rows -------------------------------------------------------------------------
-struct Args {
-  const void* student;
-  const void* teacher;
-  const int64_t* labels;
+struct Args : RowInputs {
   const float* grad_div;
   const float* grad_ce;
-  int64_t vocab, s_stride, t_stride, y_stride, gd_stride, gc_stride, ignore_index;
-  float inv_t;
-  bool with_ce;
-  MixParams mp;
+  int64_t gd_stride, gc_stride;
   float* div;
   float* ce;
   float* stats;  // [N, 4]: lse(a), lse(b), c, lse(s)
@@ -146,15 +140,9 @@ void backward_rows(const Args& a, int64_t begin, int64_t end) {
   constexpr bool direct = std::is_same_v<TS, float>;
   for (int64_t row = begin; row < end; ++row) {
     TS* g = static_cast<TS*>(a.grad) + row * V;
-    const float gd = DIV != kNone ? a.grad_div[row * a.gd_stride] : 0.0f;
-    int64_t y = -1;
-    float gc = 0.0f;
-    if (a.with_ce) {
-      y = a.labels[row * a.y_stride];
-      // ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
-      if (label_valid(y, V, a.ignore_index)) gc = a.grad_ce[row * a.gc_stride];
-      else y = -1;
-    }
+    float gd, gc;
+    int64_t y;
+    row_coefficients<DIV>(a, row, gd, gc, y);
     if (gd == 0.0f && gc == 0.0f) {  // masked rows: zeros, nothing read
       std::memset(static_cast<void*>(g), 0, V * sizeof(TS));
       continue;
@@ -190,25 +178,7 @@ void backward_rows(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
-// -- dispatch -------------------------------------------------------------------------
-Args make_args(const Rows& r, const at::Tensor& student, const std::optional<at::Tensor>& teacher,
-               const std::optional<at::Tensor>& labels, int64_t divergence, double mix, double temperature,
-               int64_t ignore_index, bool with_ce) {
-  Args a{};
-  a.student = student.data_ptr();
-  a.teacher = r.read_teacher ? teacher->data_ptr() : nullptr;
-  a.labels = with_ce ? labels->data_ptr<int64_t>() : nullptr;
-  a.vocab = r.vocab;
-  a.s_stride = r.s_stride;
-  a.t_stride = r.t_stride;
-  a.y_stride = r.y_stride;
-  a.ignore_index = ignore_index;
-  a.inv_t = static_cast<float>(1.0 / temperature);
-  a.with_ce = with_ce;
-  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(mix));
-  return a;
-}
-
+// -- entry points ---------------------------------------------------------------------
 // The gradient is a fresh [N, V] buffer: on Linux its first touch costs one page
 // fault and one kernel page clear per 4 KB, which for large buffers takes longer
 // than the kernel itself. Ask for transparent huge pages on the buffer's whole
@@ -254,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cpu(
   const Rows r = check_rows_forward(student, teacher, labels, divergence, mix, temperature, with_ce, at::kCPU);
   const auto opts = student.options().dtype(at::kFloat);
   at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 4}, opts);
-  Args a = make_args(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce);
+  Args a{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
   a.div = div.data_ptr<float>();
   a.ce = ce.data_ptr<float>();
   a.stats = stats.data_ptr<float>();
@@ -275,7 +245,7 @@ at::Tensor rows_backward_cpu(const at::Tensor& grad_div, const at::Tensor& grad_
                                      temperature, with_ce, at::kCPU);
   at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  Args a = make_args(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce);
+  Args a{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
   a.grad_div = grad_div.data_ptr<float>();
   a.grad_ce = grad_ce.data_ptr<float>();
   a.gd_stride = grad_div.stride(0);

@@ -39,14 +39,7 @@
 
 namespace distillkit::cuda {
 
-struct FwdParams {
-  const void* student;
-  const void* teacher;
-  const int64_t* labels;
-  int64_t vocab, s_stride, t_stride, y_stride, ignore_index;
-  float inv_t;
-  bool with_ce;
-  MixParams mp;
+struct FwdParams : RowInputs {
   float* div;
   float* ce;
   float* stats;
@@ -213,19 +206,12 @@ __global__ void __launch_bounds__(kMaxThreads) forward_smem_kernel(const FwdPara
   if (threadIdx.x == 0) write_row(p, row, s, acc[0], acc[1], lse_a, lse_b, lse_s);
 }
 
-struct BwdParams {
+struct BwdParams : RowInputs {
   const float* grad_div;
   const float* grad_ce;
   int64_t gd_stride, gc_stride;
-  const void* student;
-  const void* teacher;
-  const int64_t* labels;
   const float* stats;
   void* grad;
-  int64_t vocab, s_stride, t_stride, y_stride, ignore_index;
-  float inv_t;
-  bool with_ce;
-  MixParams mp;
 };
 
 // Backward: grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)),
@@ -242,15 +228,9 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p
   const int64_t g_begin = blockIdx.y * per_part, g_end = groups < g_begin + per_part ? groups : g_begin + per_part;
   const bool g_vec = group_aligned(gr, shift);
 
-  const float gd = DIV != kNone ? p.grad_div[row * p.gd_stride] : 0.0f;
-  int64_t y = -1;
-  float gc = 0.0f;
-  if (p.with_ce) {
-    y = p.labels[row * p.y_stride];
-    // ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
-    if (label_valid(y, V, p.ignore_index)) gc = p.grad_ce[row * p.gc_stride];
-    else y = -1;
-  }
+  float gd, gc;
+  int64_t y;
+  row_coefficients<DIV>(p, row, gd, gc, y);
   if (gd == 0.0f && gc == 0.0f) {  // masked rows: zeros, nothing read
     const float zeros[kVec] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t g = g_begin + threadIdx.x; g < g_end; g += blockDim.x)
@@ -327,18 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cuda(
   const auto opts = student.options().dtype(at::kFloat);
   at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 4}, opts);
   if (r.n == 0) return {div, ce, stats};
-  FwdParams p{};
-  p.student = student.data_ptr();
-  p.teacher = r.read_teacher ? teacher->data_ptr() : nullptr;
-  p.labels = with_ce ? labels->data_ptr<int64_t>() : nullptr;
-  p.vocab = r.vocab;
-  p.s_stride = r.s_stride;
-  p.t_stride = r.t_stride;
-  p.y_stride = r.y_stride;
-  p.ignore_index = ignore_index;
-  p.inv_t = static_cast<float>(1.0 / temperature);
-  p.with_ce = with_ce;
-  p.mp = make_mix(static_cast<int>(divergence), static_cast<float>(mix));
+  FwdParams p{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
   p.div = div.data_ptr<float>();
   p.ce = ce.data_ptr<float>();
   p.stats = stats.data_ptr<float>();
@@ -379,24 +348,13 @@ at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
   if (r.n == 0) return grad;
-  BwdParams p{};
+  BwdParams p{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
   p.grad_div = grad_div.data_ptr<float>();
   p.grad_ce = grad_ce.data_ptr<float>();
   p.gd_stride = grad_div.stride(0);
   p.gc_stride = grad_ce.stride(0);
-  p.student = student.data_ptr();
-  p.teacher = r.read_teacher ? teacher->data_ptr() : nullptr;
-  p.labels = with_ce ? labels->data_ptr<int64_t>() : nullptr;
   p.stats = stats.data_ptr<float>();
   p.grad = grad.data_ptr();
-  p.vocab = r.vocab;
-  p.s_stride = r.s_stride;
-  p.t_stride = r.t_stride;
-  p.y_stride = r.y_stride;
-  p.ignore_index = ignore_index;
-  p.inv_t = static_cast<float>(1.0 / temperature);
-  p.with_ce = with_ce;
-  p.mp = make_mix(static_cast<int>(divergence), static_cast<float>(mix));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t groups = (r.vocab + kVec - 1) / kVec + 1;
   const int64_t parts = std::min<int64_t>(

@@ -24,6 +24,47 @@ struct Rows {
   bool read_teacher = false;   // divergence != 0
 };
 
+// What every row kernel reads, from the checked arguments: the CPU kernel's Args and the CUDA
+// kernels' parameter structs (passed by value) extend it with their outputs.
+struct RowInputs {
+  const void* student;
+  const void* teacher;     // nullptr when not read
+  const int64_t* labels;   // nullptr without CE
+  int64_t vocab, s_stride, t_stride, y_stride, ignore_index;
+  float inv_t;
+  bool with_ce;
+  MixParams mp;
+};
+
+inline RowInputs make_row_inputs(const Rows& r, const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+                                 const std::optional<at::Tensor>& labels, int64_t divergence, double mix,
+                                 double temperature, int64_t ignore_index, bool with_ce) {
+  return RowInputs{student.data_ptr(),
+                   r.read_teacher ? teacher->data_ptr() : nullptr,
+                   with_ce ? labels->data_ptr<int64_t>() : nullptr,
+                   r.vocab, r.s_stride, r.t_stride, r.y_stride, ignore_index,
+                   static_cast<float>(1.0 / temperature),
+                   with_ce,
+                   make_mix(static_cast<int>(divergence), static_cast<float>(mix))};
+}
+
+// (grad_div, grad_ce, label) of one backward row, for the CPU Args and the CUDA BwdParams alike. ce is
+// the constant 0 on an ignored or out-of-range label: no CE gradient there whatever grad_ce says, and
+// y = -1 (no one-hot).
+template <int DIV, typename P>
+DK_HD void row_coefficients(const P& p, int64_t row, float& gd, float& gc, int64_t& y) {
+  gd = DIV != kNone ? p.grad_div[row * p.gd_stride] : 0.0f;
+  gc = 0.0f;
+  y = -1;
+  if (p.with_ce) {
+    const int64_t label = p.labels[row * p.y_stride];
+    if (label_valid(label, p.vocab, p.ignore_index)) {
+      gc = p.grad_ce[row * p.gc_stride];
+      y = label;
+    }
+  }
+}
+
 // TORCH_CHECKs naming the offending argument; `device` is the backend's device type.
 Rows check_rows_forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
                         const std::optional<at::Tensor>& labels, int64_t divergence, double mix,
