@@ -204,6 +204,25 @@ def distill_forward_kernel(
 
 
 @triton.jit
+def _row_coefficients(row, grad_div_ptr, grad_ce_ptr, labels_ptr, ignore_index, vocab_size,
+                      WITH_CE: tl.constexpr, LABEL_DECIDES_CE: tl.constexpr):
+    """(g_div, g_ce, label) of one row for the backward kernels. With LABEL_DECIDES_CE an ignored or
+    out-of-range label carries no CE gradient (ce is the constant 0 there, whatever grad_ce says);
+    without it the caller has zeroed grad_ce where needed and an out-of-range label only has no
+    one-hot (a vocabulary shard whose row's label lies in another shard)."""
+    g_div = tl.load(grad_div_ptr + row)
+    g_ce = g_div * 0.0
+    label = row * 0 - 1
+    if WITH_CE:
+        label = tl.load(labels_ptr + row)
+        g_ce = tl.load(grad_ce_ptr + row)
+        if LABEL_DECIDES_CE:
+            valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
+            g_ce = tl.where(valid, g_ce, 0.0)
+    return g_div, g_ce, label
+
+
+@triton.jit
 def _store_grad_block(
     row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
@@ -261,14 +280,8 @@ def distill_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = offs < vocab_size
-    g_div = tl.load(grad_div_ptr + row)
-    g_ce = g_div * 0.0
-    label = row * 0 - 1
-    if WITH_CE:
-        label = tl.load(labels_ptr + row)
-        valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
-        # ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
-        g_ce = tl.where(valid, tl.load(grad_ce_ptr + row), 0.0)
+    g_div, g_ce, label = _row_coefficients(row, grad_div_ptr, grad_ce_ptr, labels_ptr, ignore_index, vocab_size,
+                                           WITH_CE, True)
     _store_grad_block(row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
                       s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
                       vocab_size, div_vocab_size, mix, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 # The dense kernels' divergence ids and stats width; the top-k stats row is
 # (lse_norm (L for bucket, lse_k(g) for renormalize), lq_tail, D, lse(s)).
-from .distill import FORWARD_KL, NONE, NUM_STATS, REVERSE_KL, _store_row_outputs
+from .distill import FORWARD_KL, NONE, NUM_STATS, REVERSE_KL, _row_coefficients, _store_row_outputs
 
 
 @triton.jit
@@ -141,13 +141,8 @@ def topk_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     NEG_INF: tl.constexpr = float("-inf")
     cols = tl.arange(0, BLOCK_V)
-    g_div = tl.load(grad_div_ptr + row)
-    g_ce = g_div * 0.0
-    label = row * 0 - 1
-    if WITH_CE:
-        label = tl.load(labels_ptr + row)
-        valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
-        g_ce = tl.where(valid, tl.load(grad_ce_ptr + row), 0.0)  # an ignored label has no CE gradient
+    g_div, g_ce, label = _row_coefficients(row, grad_div_ptr, grad_ce_ptr, labels_ptr, ignore_index, vocab_size,
+                                           WITH_CE, True)
     if DIVERGENCE == NONE:
         g_div = g_div * 0.0
     grad_row = grad_ptr + row * vocab_size

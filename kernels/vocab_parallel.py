@@ -23,7 +23,7 @@ Stats rows follow the core layout: (lse(t/T), lse(s/T), c, lse(s)), here global 
 import triton
 import triton.language as tl
 
-from .distill import NUM_STATS, _divergence_terms, _row_offset, _store_grad_block
+from .distill import NUM_STATS, _divergence_terms, _row_coefficients, _row_offset, _store_grad_block
 
 
 @triton.jit
@@ -73,12 +73,8 @@ def shard_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = offs < vocab_size
-    g_div = tl.load(grad_div_ptr + row)
-    g_ce = g_div * 0.0
-    label = row * 0 - 1
-    if WITH_CE:
-        g_ce = tl.load(grad_ce_ptr + row)
-        label = tl.load(labels_ptr + row)
+    # ignore_index is not used: grad_ce already carries the global label's validity.
+    g_div, g_ce, label = _row_coefficients(row, grad_div_ptr, grad_ce_ptr, labels_ptr, -1, vocab_size, WITH_CE, False)
     _store_grad_block(row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
                       s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
                       vocab_size, div_vocab_size, mix, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)
