@@ -4,6 +4,9 @@
 // baseline x86-64) and the loader picks one for the CPU at hand; the loops are
 // `omp simd` (-fopenmp) over the float math of distill_math.h, which is written
 // without branches so that GCC vectorizes them (with -fno-trapping-math).
+// The exp-bound loops also have hand-written AVX-512 versions
+// (distill_cpu_avx512.h); the dispatch at the end of this file picks those at
+// run time where the CPU has AVX-512, and the portable ones otherwise.
 //
 // Buffers hold kChunk floats, padded with -inf to a multiple of kLanes: padding
 // lanes contribute exactly 0 to every sum (e^-inf = 0, p = q = 0 terms are 0).
@@ -14,9 +17,11 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
+#include "distill_cpu_avx512.h"
 #include "distill_math.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
@@ -29,8 +34,8 @@
 
 namespace distillkit::cpu {
 
-constexpr int64_t kChunk = 1024;  // floats per buffer: 4 KB, three buffers stay in L1
-constexpr int64_t kLanes = 16;    // buffers are padded to whole AVX-512 registers
+constexpr int64_t kChunk = 256;  // floats per buffer (1 KB); see prefetch_next for why not more
+constexpr int64_t kLanes = 16;   // buffers are padded to whole AVX-512 registers
 
 DK_INLINE int64_t padded(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
@@ -69,8 +74,12 @@ DK_INLINE void pad_tail(float* dst, int64_t n) {
   for (int64_t i = n; i < padded(n); ++i) dst[i] = kNegInf;
 }
 
-// Hardware stream prefetchers stop at 4 KB page boundaries, which is where a chunk
-// ends: prefetch the next chunk of the row while this one is converted.
+// Each load prefetches the next chunk of its row (hardware stream prefetchers stop
+// at 4 KB page boundaries). The chunk is small on purpose: the prefetches go out in
+// one burst, and while they wait for memory the core stalls on its fill buffers.
+// With 1 KB chunks (32 lines for student and teacher together) the bursts stay short
+// and the exp math runs while the next lines arrive; with 4 KB chunks the forward
+// took 71 ms instead of 53 ms on 4096x32000 fp32 (2-core Xeon, docs/PERFORMANCE.md).
 DK_INLINE void prefetch_next(const void* next, int64_t bytes) {
   const char* p = static_cast<const char*>(next);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
@@ -130,7 +139,10 @@ DK_INLINE void store_chunk(const float* src, int64_t n, T* dst) {
   }
 }
 
-// -- pass-1 sums (n is a multiple of kLanes; padding lanes are -inf -> 0) --------
+// -- portable versions of the exp-bound loops (the AVX-512 ones are in distill_cpu_avx512.h) --
+namespace portable {
+
+// pass-1 sums (n is a multiple of kLanes; padding lanes are -inf -> 0)
 DK_CLONES float sum_exp(const float* __restrict x, int64_t n, float rx) {
   float z = 0.0f;
 #pragma omp simd reduction(+ : z)
@@ -168,10 +180,24 @@ DK_CLONES void kl_sums(const float* __restrict x, const float* __restrict y, int
   out[2] = zy;
 }
 
+// out = gc * e^(s - lse_s) (accumulate: out +=)
+DK_CLONES void grad_ce(const float* __restrict s, int64_t n, float lse_s, float gc, bool accumulate,
+                       float* __restrict out) {
+  if (accumulate) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] += gc * fexp(s[i] - lse_s);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = gc * fexp(s[i] - lse_s);
+  }
+}
+
+}  // namespace portable
+
 // -- pass 2 of the mixtures: out += (sum d_j, sum h_j) ---------------------------
 template <int DIV>
 DK_INLINE void mix_sums_impl(const float* __restrict a, const float* __restrict b, int64_t n, float lse_a,
-                             float lse_b, MixParams mp, float* out) {
+                             float lse_b, MixParams mp, double* out) {
   float dsum = 0.0f, csum = 0.0f;
 #pragma omp simd reduction(+ : dsum, csum)
   for (int64_t i = 0; i < n; ++i) {
@@ -200,7 +226,7 @@ DK_INLINE void grad_div_impl(const float* __restrict a, const float* __restrict 
 
 #define DK_MIX(D)                                                                                          \
   DK_CLONES void mix_sums_##D(const float* a, const float* b, int64_t n, float la, float lb, MixParams mp, \
-                              float* out) {                                                                \
+                              double* out) {                                                               \
     mix_sums_impl<D>(a, b, n, la, lb, mp, out);                                                           \
   }
 #define DK_GRAD(D)                                                                                           \
@@ -208,8 +234,19 @@ DK_INLINE void grad_div_impl(const float* __restrict a, const float* __restrict 
                               float coef, float ce_coef, MixParams mp, float* out) {                        \
     grad_div_impl<D>(a, b, n, la, lb, c, coef, ce_coef, mp, out);                                           \
   }
+namespace portable {
+DK_CLONES void grad_forward_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
+                               float ce_coef, float* out) {
+  grad_div_impl<kForwardKL>(a, b, n, la, lb, c, coef, ce_coef, MixParams{}, out);
+}
+DK_CLONES void grad_reverse_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
+                               float ce_coef, float* out) {
+  grad_div_impl<kReverseKL>(a, b, n, la, lb, c, coef, ce_coef, MixParams{}, out);
+}
+}  // namespace portable
+
 DK_MIX(3) DK_MIX(4) DK_MIX(5) DK_MIX(6)
-DK_GRAD(1) DK_GRAD(2) DK_GRAD(3) DK_GRAD(4) DK_GRAD(5) DK_GRAD(6)
+DK_GRAD(3) DK_GRAD(4) DK_GRAD(5) DK_GRAD(6)
 
 template <int DIV, typename... Args>
 DK_INLINE void mix_sums(Args... args) {
@@ -219,26 +256,58 @@ DK_INLINE void mix_sums(Args... args) {
   else if constexpr (DIV == kTVD) mix_sums_6(args...);
 }
 
+// -- dispatch: hand-written AVX-512 loops where the CPU has them ------------------
+// DISTILLKIT_CPU_CAPABILITY=portable forces the compiler-vectorized loops (read once);
+// the tests run both.
+inline bool use_avx512() {
+#if defined(DK_HAVE_AVX512_LOOPS)
+  static const bool enabled = [] {
+    const char* env = std::getenv("DISTILLKIT_CPU_CAPABILITY");
+    if (env != nullptr && std::strcmp(env, "portable") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
+
+#if defined(DK_HAVE_AVX512_LOOPS)
+#define DK_PICK(NAME, ...) return use_avx512() ? avx512::NAME(__VA_ARGS__) : portable::NAME(__VA_ARGS__)
+#else
+#define DK_PICK(NAME, ...) return portable::NAME(__VA_ARGS__)
+#endif
+
+DK_INLINE float sum_exp(const float* x, int64_t n, float rx) { DK_PICK(sum_exp, x, n, rx); }
+DK_INLINE void sum_exp2(const float* x, const float* y, int64_t n, float rx, float ry, float* out) {
+  DK_PICK(sum_exp2, x, y, n, rx, ry, out);
+}
+DK_INLINE void kl_sums(const float* x, const float* y, int64_t n, float rx, float ry, float* out) {
+  DK_PICK(kl_sums, x, y, n, rx, ry, out);
+}
+DK_INLINE void grad_ce(const float* s, int64_t n, float lse_s, float gc, bool accumulate, float* out) {
+  DK_PICK(grad_ce, s, n, lse_s, gc, accumulate, out);
+}
+DK_INLINE void grad_forward_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
+                               float ce_coef, MixParams, float* out) {
+  DK_PICK(grad_forward_kl, a, b, n, la, lb, c, coef, ce_coef, out);
+}
+DK_INLINE void grad_reverse_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
+                               float ce_coef, MixParams, float* out) {
+  DK_PICK(grad_reverse_kl, a, b, n, la, lb, c, coef, ce_coef, out);
+}
+#undef DK_PICK
+
 template <int DIV, typename... Args>
 DK_INLINE void grad_div(Args... args) {
-  if constexpr (DIV == kForwardKL) grad_div_1(args...);
-  else if constexpr (DIV == kReverseKL) grad_div_2(args...);
+  if constexpr (DIV == kForwardKL) grad_forward_kl(args...);
+  else if constexpr (DIV == kReverseKL) grad_reverse_kl(args...);
   else if constexpr (DIV == kJSD) grad_div_3(args...);
   else if constexpr (DIV == kSkewForwardKL) grad_div_4(args...);
   else if constexpr (DIV == kSkewReverseKL) grad_div_5(args...);
   else if constexpr (DIV == kTVD) grad_div_6(args...);
-}
-
-// out = gc * e^(s - lse_s) (accumulate: out +=)
-DK_CLONES void grad_ce(const float* __restrict s, int64_t n, float lse_s, float gc, bool accumulate,
-                       float* __restrict out) {
-  if (accumulate) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] += gc * fexp(s[i] - lse_s);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = gc * fexp(s[i] - lse_s);
-  }
 }
 
 }  // namespace distillkit::cpu

@@ -339,15 +339,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cuda(
   return {div, ce, stats};
 }
 
-at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
-                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                              const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                              int64_t ignore_index, bool with_ce) {
-  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
-                                     temperature, with_ce, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
-  if (r.n == 0) return grad;
+// The rows of the backward into `grad` ([N, V], contiguous, student dtype; checked by the callers).
+void backward_into(const Rows& r, at::Tensor& grad, const at::Tensor& grad_div, const at::Tensor& grad_ce,
+                   const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+                   const std::optional<at::Tensor>& labels, const at::Tensor& stats, int64_t divergence, double mix,
+                   double temperature, int64_t ignore_index, bool with_ce) {
+  if (r.n == 0) return;
   BwdParams p{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
   p.grad_div = grad_div.data_ptr<float>();
   p.grad_ce = grad_ce.data_ptr<float>();
@@ -368,7 +365,30 @@ at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad
     backward_kernel<decltype(d)::value, TS, TT><<<grid, kBwdThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+                              const at::Tensor& stats, int64_t divergence, double mix, double temperature,
+                              int64_t ignore_index, bool with_ce) {
+  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
+                                     temperature, with_ce, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(student.device());
+  at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
+  backward_into(r, grad, grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
+                ignore_index, with_ce);
   return grad;
+}
+
+void rows_backward_into_cuda(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+                             const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+                             const at::Tensor& stats, int64_t divergence, double mix, double temperature,
+                             int64_t ignore_index, bool with_ce, at::Tensor& out) {
+  const Rows r = check_rows_backward_into(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
+                                          temperature, with_ce, out, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(student.device());
+  backward_into(r, out, grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
+                ignore_index, with_ce);
 }
 
 }  // namespace distillkit::cuda
@@ -376,4 +396,5 @@ at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad
 TORCH_LIBRARY_IMPL(distillkit_ext, CUDA, m) {
   m.impl("rows_forward", &distillkit::cuda::rows_forward_cuda);
   m.impl("rows_backward", &distillkit::cuda::rows_backward_cuda);
+  m.impl("rows_backward_into", &distillkit::cuda::rows_backward_into_cuda);
 }

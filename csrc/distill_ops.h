@@ -75,6 +75,13 @@ Rows check_rows_backward(const at::Tensor& grad_div, const at::Tensor& grad_ce, 
                          const at::Tensor& stats, int64_t divergence, double mix, double temperature,
                          bool with_ce, c10::DeviceType device);
 
+// check_rows_backward, plus the out buffer of rows_backward_into: the student's device, dtype and
+// [N, V] shape, contiguous, overlapping neither input.
+Rows check_rows_backward_into(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+                              const at::Tensor& stats, int64_t divergence, double mix, double temperature,
+                              bool with_ce, const at::Tensor& out, c10::DeviceType device);
+
 // -- compile-time dispatch, shared by both backends ------------------------------------
 template <typename T>
 struct Tag {

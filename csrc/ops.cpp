@@ -6,6 +6,7 @@
 // initializers when `distillkit._C` is imported; the module itself is an empty
 // Python module built against the limited C API.
 #include <Python.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -99,6 +100,32 @@ Rows check_rows_backward(const at::Tensor& grad_div, const at::Tensor& grad_ce, 
   return r;
 }
 
+// Conservative: where ATen cannot tell (a strided view), sharing storage counts as overlap.
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
+         (status == at::MemOverlapStatus::TooHard && a.storage().is_alias_of(b.storage()));
+}
+
+Rows check_rows_backward_into(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+                              const at::Tensor& stats, int64_t divergence, double mix, double temperature,
+                              bool with_ce, const at::Tensor& out, c10::DeviceType device) {
+  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
+                                     temperature, with_ce, device);
+  TORCH_CHECK(out.device() == student.device(), "out must be on the student's device ", student.device(), "; got ",
+              out.device());
+  TORCH_CHECK(out.scalar_type() == student.scalar_type(), "out must have the student's dtype ",
+              student.scalar_type(), "; got ", out.scalar_type());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == r.n && out.size(1) == r.vocab, "out must have shape [", r.n, ", ",
+              r.vocab, "]; got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "out must be contiguous; got strides ", out.strides());
+  // the rows re-read the logits after writing a chunk of the gradient
+  TORCH_CHECK(!may_overlap(out, student), "out must not overlap the student");
+  TORCH_CHECK(!r.read_teacher || !may_overlap(out, *teacher), "out must not overlap the teacher");
+  return r;
+}
+
 }  // namespace distillkit
 
 TORCH_LIBRARY(distillkit_ext, m) {
@@ -108,6 +135,13 @@ TORCH_LIBRARY(distillkit_ext, m) {
   m.def(
       "rows_backward(Tensor grad_div, Tensor grad_ce, Tensor student, Tensor? teacher, Tensor? labels, "
       "Tensor stats, int divergence, float mix, float temperature, int ignore_index, bool with_ce) -> Tensor");
+  // The same into a caller's [N, V] buffer: a reused buffer skips the page faults of a fresh one.
+  // Returns nothing: torch.compile functionalizes custom ops that mutate, but not ones whose
+  // output aliases an input.
+  m.def(
+      "rows_backward_into(Tensor grad_div, Tensor grad_ce, Tensor student, Tensor? teacher, Tensor? labels, "
+      "Tensor stats, int divergence, float mix, float temperature, int ignore_index, bool with_ce, "
+      "Tensor(a!) out) -> ()");
 }
 
 // `import distillkit._C` needs a module init function; the ops above are the payload.

@@ -1,7 +1,7 @@
 """The compiled extension `distillkit._C` (csrc/): its availability and the fake
-(meta) implementations of its two ops, `torch.ops.distillkit_ext.rows_forward`
-and `torch.ops.distillkit_ext.rows_backward`, so they can be traced and
-opcheck'ed. Importing this module never fails: without the extension,
+(meta) implementations of its ops, `torch.ops.distillkit_ext.rows_forward`,
+`rows_backward` and `rows_backward_into` (the gradient into a caller's buffer), so
+they can be traced and opcheck'ed. Importing this module never fails: without the extension,
 `available()` is False and `load_error()` says why.
 """
 
@@ -54,3 +54,10 @@ if _C is not None:
                             ignore_index, with_ce):
         torch._check(student.dim() == 2, lambda: "student must be 2-D [rows, vocab]")
         return student.new_empty(student.shape)  # contiguous, student dtype
+
+    def _rows_backward_into_fake(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
+                                 ignore_index, with_ce, out):
+        torch._check(out.shape == student.shape, lambda: f"out must have shape {tuple(student.shape)}")
+
+    if hasattr(torch.ops.distillkit_ext, "rows_backward_into"):  # absent from an older build of _C
+        torch.library.register_fake("distillkit_ext::rows_backward_into")(_rows_backward_into_fake)

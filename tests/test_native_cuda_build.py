@@ -64,10 +64,12 @@ def _built_with_cuda() -> bool:
 
 @pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
 def test_cuda_kernels_registered_when_built():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("distillkit_ext::rows_forward", "CPU")
+    ops = ("rows_forward", "rows_backward", "rows_backward_into")
+    for op in ops:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distillkit_ext::{op}", "CPU"), op
     if not _built_with_cuda():
         pytest.skip("the extension was built without its CUDA part")
-    for op in ("rows_forward", "rows_backward"):
+    for op in ops:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distillkit_ext::{op}", "CUDA"), op
     assert _ext.cuda_built()
     cuobjdump = cuda_report.find_cuobjdump()

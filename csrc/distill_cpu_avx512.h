@@ -1,0 +1,148 @@
+// Hand-written AVX-512 versions of the exp-bound chunk loops of the CPU kernel.
+// distill_cpu_chunks.h holds the portable (compiler-vectorized) versions and picks
+// these at run time when the CPU has AVX-512 (see use_avx512 there).
+//
+// Why they exist: in cache, forward and backward are bound by e^x (two per element
+// each way). GCC turns the portable fexp into ~25 instructions per 16 lanes: 2^n is
+// built from exponent bits and the range clamps become mask juggling. vscalefps
+// builds p * 2^n in one instruction, so exp16 is 13.
+//
+// Same math as the portable loops: the same range reduction and polynomial as fexp
+// (distill_math.h), e^x = 0 below the smallest normal, NaN propagates. Buffers are
+// the same padded stack buffers (-inf padding to a multiple of 16), so every loop
+// runs whole vectors; only a store to the caller's memory is masked at the tail.
+#pragma once
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DK_HAVE_AVX512_LOOPS 1
+#include <immintrin.h>
+
+#include <cstdint>
+
+// Every function here needs the CPU check before it is called.
+#define DK_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#define DK_AVX512_INLINE DK_AVX512 inline __attribute__((always_inline))
+
+// GCC 12 flags the deliberately undefined vectors inside its own reduction intrinsics.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace distillkit::cpu::avx512 {
+
+// e^x for 16 lanes: n = round(x log2 e), r = x - n ln2 (Cody-Waite, two parts),
+// e^r by the degree-5 polynomial of fexp, then p * 2^n by vscalefps. `live` gets
+// the lanes whose result is not 0 (x >= lo, or NaN).
+DK_AVX512_INLINE __m512 exp16(__m512 x, __mmask16& live) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.0f);
+  // below lo the result is 0 (as in fexp); "not less than, unordered" keeps NaN lanes
+  live = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
+  __m512 xc = _mm512_max_ps(lo, x);  // max/min return their second operand on NaN: NaN survives
+  xc = _mm512_min_ps(hi, xc);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(8.31280555576086e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1890207678079605e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6667111217975616e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.99992311000824e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+DK_AVX512_INLINE __m512 exp16(__m512 x) {
+  __mmask16 live;
+  return exp16(x, live);
+}
+
+DK_AVX512_INLINE __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+// -- pass-1 sums (n a multiple of 16) ----------------------------------------------
+DK_AVX512 inline float sum_exp(const float* x, int64_t n, float rx) {
+  const __m512 vrx = _mm512_set1_ps(rx);
+  __m512 z = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) z = _mm512_add_ps(z, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vrx)));
+  return _mm512_reduce_add_ps(z);
+}
+
+DK_AVX512 inline void sum_exp2(const float* x, const float* y, int64_t n, float rx, float ry, float* out) {
+  const __m512 vrx = _mm512_set1_ps(rx), vry = _mm512_set1_ps(ry);
+  __m512 zx = _mm512_setzero_ps(), zy = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    zx = _mm512_add_ps(zx, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vrx)));
+    zy = _mm512_add_ps(zy, exp16(_mm512_sub_ps(_mm512_loadu_ps(y + i), vry)));
+  }
+  out[0] = _mm512_reduce_add_ps(zx);
+  out[1] = _mm512_reduce_add_ps(zy);
+}
+
+// z_x = sum e, w = sum e (x - y) over lanes with e = e^(x - rx) > 0, z_y = sum e^(y - ry).
+DK_AVX512 inline void kl_sums(const float* x, const float* y, int64_t n, float rx, float ry, float* out) {
+  const __m512 vrx = _mm512_set1_ps(rx), vry = _mm512_set1_ps(ry);
+  __m512 zx = _mm512_setzero_ps(), w = zx, zy = zx;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i), yv = _mm512_loadu_ps(y + i);
+    __mmask16 live;  // e > 0 (or NaN): x = -inf adds 0 to w, not 0 * inf
+    const __m512 e = exp16(_mm512_sub_ps(xv, vrx), live);
+    zx = _mm512_add_ps(zx, e);
+    w = _mm512_mask3_fmadd_ps(e, _mm512_sub_ps(xv, yv), w, live);
+    zy = _mm512_add_ps(zy, exp16(_mm512_sub_ps(yv, vry)));
+  }
+  out[0] = _mm512_reduce_add_ps(zx);
+  out[1] = _mm512_reduce_add_ps(w);
+  out[2] = _mm512_reduce_add_ps(zy);
+}
+
+// -- backward of forward / reverse KL: out[0, n) = coef (h - q c) + ce_coef q -----
+// (a, b padded to a multiple of 16; out is written for n lanes only.)
+template <bool REVERSE>
+DK_AVX512_INLINE void grad_kl(const float* a, const float* b, int64_t n, float lse_a, float lse_b, float c,
+                              float coef, float ce_coef, float* out) {
+  const __m512 la = _mm512_set1_ps(lse_a), lb = _mm512_set1_ps(lse_b), vc = _mm512_set1_ps(c);
+  const __m512 vcoef = _mm512_set1_ps(coef), vce = _mm512_set1_ps(ce_coef);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 lp = _mm512_sub_ps(_mm512_loadu_ps(a + i), la), lq = _mm512_sub_ps(_mm512_loadu_ps(b + i), lb);
+    __mmask16 live;  // q > 0 (or NaN)
+    const __m512 q = exp16(lq, live);
+    __m512 g;
+    if constexpr (REVERSE) {  // h = d = q (log q - log p) where q > 0; c = D
+      const __m512 d = _mm512_maskz_mul_ps(live, q, _mm512_sub_ps(lq, lp));
+      g = _mm512_fnmadd_ps(q, vc, d);
+    } else {  // h - q c = q - p
+      g = _mm512_sub_ps(q, exp16(lp));
+    }
+    g = _mm512_fmadd_ps(vcoef, g, _mm512_mul_ps(vce, q));
+    _mm512_mask_storeu_ps(out + i, tail_mask(n - i), g);
+  }
+}
+
+DK_AVX512 inline void grad_forward_kl(const float* a, const float* b, int64_t n, float lse_a, float lse_b, float c,
+                                      float coef, float ce_coef, float* out) {
+  grad_kl<false>(a, b, n, lse_a, lse_b, c, coef, ce_coef, out);
+}
+
+DK_AVX512 inline void grad_reverse_kl(const float* a, const float* b, int64_t n, float lse_a, float lse_b, float c,
+                                      float coef, float ce_coef, float* out) {
+  grad_kl<true>(a, b, n, lse_a, lse_b, c, coef, ce_coef, out);
+}
+
+// out = gc e^(s - lse_s), or out += it (s padded; out written for n lanes only).
+DK_AVX512 inline void grad_ce(const float* s, int64_t n, float lse_s, float gc, bool accumulate, float* out) {
+  const __m512 ls = _mm512_set1_ps(lse_s), vgc = _mm512_set1_ps(gc);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    __m512 g = _mm512_mul_ps(vgc, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), ls)));
+    if (accumulate) g = _mm512_add_ps(g, _mm512_maskz_loadu_ps(m, out + i));
+    _mm512_mask_storeu_ps(out + i, m, g);
+  }
+}
+
+}  // namespace distillkit::cpu::avx512
+
+#pragma GCC diagnostic pop
+
+#endif
