@@ -60,6 +60,18 @@ DK_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
+// The host exp's constants, shared with the AVX-512 loops (distill_cpu_avx512.h).
+struct ExpConsts {
+  static constexpr float lo = -87.33654f;  // log of the smallest normal float
+  static constexpr float hi = 88.0f;
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f;  // ln2 = ln2_hi - ln2_lo (Cody-Waite)
+  static constexpr float ln2_lo = 2.12194440e-4f;
+  // e^r ~ 1 + r + c2 r^2 + ... + c5 r^5 on |r| <= ln2/2
+  static constexpr float c2 = 4.99992311000824e-1f, c3 = 1.6667111217975616e-1f;
+  static constexpr float c4 = 4.1890207678079605e-2f, c5 = 8.31280555576086e-3f;
+};
+
 // exp(x). Device: the MUFU approximation (rel. error ~1e-6 near 0, the terms
 // that matter). Host: branch-free, so the loops that call it vectorize: 2^n by
 // building the exponent bits, e^r on |r| <= ln2/2 by a degree-5 polynomial
@@ -71,23 +83,23 @@ DK_HD float fexp(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
-  const float lo = -87.33654f, hi = 88.0f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
+  using K = ExpConsts;
+  float xc = x < K::lo ? K::lo : x;
+  xc = xc > K::hi ? K::hi : xc;
   // t = round(x / ln2) + 127 + 1.5 * 2^23: its low mantissa bits are the biased exponent
   const float magic = 12582912.0f + 127.0f;
-  const float t = xc * 1.44269504088896341f + magic;
+  const float t = xc * K::log2e + magic;
   const float n = t - magic;
-  float r = xc - n * 0.693359375f;  // Cody-Waite: ln2 in two parts
-  r = r + n * 2.12194440e-4f;
-  float p = 8.31280555576086e-3f;
-  p = p * r + 4.1890207678079605e-2f;
-  p = p * r + 1.6667111217975616e-1f;
-  p = p * r + 4.99992311000824e-1f;
+  float r = xc - n * K::ln2_hi;
+  r = r + n * K::ln2_lo;
+  float p = K::c5;
+  p = p * r + K::c4;
+  p = p * r + K::c3;
+  p = p * r + K::c2;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const float res = p * bits_to_float(float_to_bits(t) << 23);
-  return x < lo ? 0.0f : res;
+  return x < K::lo ? 0.0f : res;
 #endif
 }
 
