@@ -179,6 +179,8 @@ void backward_rows(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
+const char* loops_name() { return use_avx512() ? "avx512" : "portable"; }
+
 // -- entry points ---------------------------------------------------------------------
 // The gradient is a fresh [N, V] buffer: on Linux its first touch costs one page
 // fault and one kernel page clear per 4 KB, which for large buffers takes about as

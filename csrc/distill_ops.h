@@ -82,6 +82,11 @@ Rows check_rows_backward_into(const at::Tensor& grad_div, const at::Tensor& grad
                               const at::Tensor& stats, int64_t divergence, double mix, double temperature,
                               bool with_ce, const at::Tensor& out, c10::DeviceType device);
 
+namespace cpu {
+// Which loops the CPU kernel runs: "avx512" (hand-written) or "portable" (compiler-vectorized).
+const char* loops_name();
+}  // namespace cpu
+
 // -- compile-time dispatch, shared by both backends ------------------------------------
 template <typename T>
 struct Tag {

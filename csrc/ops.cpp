@@ -144,10 +144,19 @@ TORCH_LIBRARY(distillkit_ext, m) {
       "Tensor(a!) out) -> ()");
 }
 
-// `import distillkit._C` needs a module init function; the ops above are the payload.
+// `import distillkit._C` needs a module init function; the ops above are the payload. The one
+// Python function says which CPU loops run (for `distillkit env`).
+namespace {
+PyObject* cpu_loops(PyObject*, PyObject*) { return PyUnicode_FromString(distillkit::cpu::loops_name()); }
+
+PyMethodDef module_methods[] = {
+    {"cpu_loops", cpu_loops, METH_NOARGS, "'avx512' or 'portable': the CPU kernel's exp-bound loops."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, module_methods,
                                           nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

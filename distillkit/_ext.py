@@ -38,7 +38,8 @@ def describe() -> str:
     """One line for `distillkit env`."""
     if not available():
         return f"not built ({load_error()})"
-    return "built (cpu" + (", cuda)" if cuda_built() else ")") + f" at {getattr(_C, '__file__', '?')}"
+    built = "built (cpu" + (", cuda)" if cuda_built() else ")") + f" at {getattr(_C, '__file__', '?')}"
+    return built + (f"; cpu loops: {_C.cpu_loops()}" if hasattr(_C, "cpu_loops") else "")
 
 
 if _C is not None:

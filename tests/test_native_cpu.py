@@ -329,3 +329,17 @@ def test_backward_out_checks_name_the_argument(make_out, match):
     with pytest.raises(RuntimeError, match=match):
         ops().rows_backward_into(gd, gc, s, t, y, stats, 1, MIX, 1.0, IGNORE, True, out)
     assert torch.equal(out, before)  # nothing written
+
+
+def test_cpu_loops_follow_the_cpu_and_the_switch():
+    loops = _ext._C.cpu_loops()
+    if os.environ.get("DISTILLKIT_CPU_CAPABILITY") == "portable":
+        assert loops == "portable"
+        return
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("CPU flags are read from /proc/cpuinfo")
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    has_avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= set(flags)
+    assert loops == ("avx512" if has_avx512 else "portable")
+    assert f"cpu loops: {loops}" in _ext.describe()
