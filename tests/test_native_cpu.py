@@ -343,3 +343,18 @@ def test_cpu_loops_follow_the_cpu_and_the_switch():
     has_avx512 = {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= set(flags)
     assert loops == ("avx512" if has_avx512 else "portable")
     assert f"cpu loops: {loops}" in _ext.describe()
+
+
+def test_backward_into_compiles_without_graph_break():
+    s, t, y = make_inputs(torch.float32, 500, 1, strided=False)
+    _, _, stats = ops().rows_forward(s, t, y, 1, MIX, 2.0, IGNORE, True)
+    gd, gc = row_grads(s.shape[0])
+
+    def f(out):
+        ops().rows_backward_into(gd, gc, s, t, y, stats, 1, MIX, 2.0, IGNORE, True, out)
+        return out * 2
+
+    expected = ops().rows_backward(gd, gc, s, t, y, stats, 1, MIX, 2.0, IGNORE, True)
+    out = torch.zeros_like(s)
+    doubled = torch.compile(f, fullgraph=True, backend="aot_eager")(out)
+    assert torch.equal(out, expected) and torch.equal(doubled, expected * 2)  # the mutation is kept
