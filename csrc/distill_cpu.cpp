@@ -191,8 +191,9 @@ const char* loops_name() { return use_avx512() ? "avx512" : "portable"; }
 // they are handed out in 256 KB blocks, so both threads would fault on the same
 // 2 MB page and one would wait while the other's fault clears it. Measured on
 // 4096x32000 fp32 (docs/PERFORMANCE.md): the backward takes 94 ms instead of
-// 153 ms with 4 KB pages (and ~70 ms into a reused buffer). DISTILLKIT_CPU_THP=0 turns both off; where THP is
-// disabled, the advice is a no-op and the writes touch one 4 KB page in 512.
+// 153 ms with 4 KB pages (and ~70 ms into a reused buffer). DISTILLKIT_CPU_THP=0
+// turns both off; where THP is disabled, the advice is a no-op and the writes
+// touch one 4 KB page in 512.
 void prepare_output(void* ptr, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = [] {

@@ -234,19 +234,8 @@ DK_INLINE void grad_div_impl(const float* __restrict a, const float* __restrict 
                               float coef, float ce_coef, MixParams mp, float* out) {                        \
     grad_div_impl<D>(a, b, n, la, lb, c, coef, ce_coef, mp, out);                                           \
   }
-namespace portable {
-DK_CLONES void grad_forward_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
-                               float ce_coef, float* out) {
-  grad_div_impl<kForwardKL>(a, b, n, la, lb, c, coef, ce_coef, MixParams{}, out);
-}
-DK_CLONES void grad_reverse_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
-                               float ce_coef, float* out) {
-  grad_div_impl<kReverseKL>(a, b, n, la, lb, c, coef, ce_coef, MixParams{}, out);
-}
-}  // namespace portable
-
 DK_MIX(3) DK_MIX(4) DK_MIX(5) DK_MIX(6)
-DK_GRAD(3) DK_GRAD(4) DK_GRAD(5) DK_GRAD(6)
+DK_GRAD(1) DK_GRAD(2) DK_GRAD(3) DK_GRAD(4) DK_GRAD(5) DK_GRAD(6)
 
 template <int DIV, typename... Args>
 DK_INLINE void mix_sums(Args... args) {
@@ -290,20 +279,25 @@ DK_INLINE void kl_sums(const float* x, const float* y, int64_t n, float rx, floa
 DK_INLINE void grad_ce(const float* s, int64_t n, float lse_s, float gc, bool accumulate, float* out) {
   DK_PICK(grad_ce, s, n, lse_s, gc, accumulate, out);
 }
-DK_INLINE void grad_forward_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
-                               float ce_coef, MixParams, float* out) {
-  DK_PICK(grad_forward_kl, a, b, n, la, lb, c, coef, ce_coef, out);
-}
-DK_INLINE void grad_reverse_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
-                               float ce_coef, MixParams, float* out) {
-  DK_PICK(grad_reverse_kl, a, b, n, la, lb, c, coef, ce_coef, out);
-}
 #undef DK_PICK
+
+// The KL gradients: AVX-512 where picked, else the portable grad_div_1 / grad_div_2 (mp unused by both).
+template <int DIV>
+DK_INLINE void grad_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
+                       float ce_coef, MixParams mp, float* out) {
+#if defined(DK_HAVE_AVX512_LOOPS)
+  if (use_avx512()) {
+    if constexpr (DIV == kForwardKL) return avx512::grad_forward_kl(a, b, n, la, lb, c, coef, ce_coef, out);
+    else return avx512::grad_reverse_kl(a, b, n, la, lb, c, coef, ce_coef, out);
+  }
+#endif
+  if constexpr (DIV == kForwardKL) grad_div_1(a, b, n, la, lb, c, coef, ce_coef, mp, out);
+  else grad_div_2(a, b, n, la, lb, c, coef, ce_coef, mp, out);
+}
 
 template <int DIV, typename... Args>
 DK_INLINE void grad_div(Args... args) {
-  if constexpr (DIV == kForwardKL) grad_forward_kl(args...);
-  else if constexpr (DIV == kReverseKL) grad_reverse_kl(args...);
+  if constexpr (DIV == kForwardKL || DIV == kReverseKL) grad_kl<DIV>(args...);
   else if constexpr (DIV == kJSD) grad_div_3(args...);
   else if constexpr (DIV == kSkewForwardKL) grad_div_4(args...);
   else if constexpr (DIV == kSkewReverseKL) grad_div_5(args...);
