@@ -44,11 +44,19 @@ def _grad_of(loss_fn):
     return step
 
 
-def native_step(student, teacher):
-    div, _, stats = torch.ops.distillkit_ext.rows_forward(student, teacher, None, 1, 0.0, 1.0, -100, False)
+def native_forward(student, teacher):
+    """(div, ce, stats) of forward KL at T = 1, no CE."""
+    return torch.ops.distillkit_ext.rows_forward(student, teacher, None, 1, 0.0, 1.0, -100, False)
+
+
+def native_backward(student, teacher, stats):
     grad_div = torch.full((N,), 1.0 / N)  # batchmean
     return torch.ops.distillkit_ext.rows_backward(grad_div, torch.zeros(N), student, teacher, None, stats, 1, 0.0,
                                                   1.0, -100, False)
+
+
+def native_step(student, teacher):
+    return native_backward(student, teacher, native_forward(student, teacher)[2])
 
 
 STEPS = {
@@ -74,17 +82,9 @@ def test_forward_backward(benchmark, logits, impl):
 @pytest.mark.parametrize("phase", ["forward", "backward", "forward+backward"])
 def test_native_phases(benchmark, logits, phase, dtype):
     student, teacher = (x.to(dtype) for x in logits)
-    ops = torch.ops.distillkit_ext
-    grad_div, grad_ce = torch.full((N,), 1.0 / N), torch.zeros(N)
-
-    def forward():
-        return ops.rows_forward(student, teacher, None, 1, 0.0, 1.0, -100, False)
-
-    def backward(stats):
-        return ops.rows_backward(grad_div, grad_ce, student, teacher, None, stats, 1, 0.0, 1.0, -100, False)
-
-    stats = forward()[2]
-    step = {"forward": forward, "backward": lambda: backward(stats),
-            "forward+backward": lambda: backward(forward()[2])}[phase]
+    stats = native_forward(student, teacher)[2]
+    step = {"forward": lambda: native_forward(student, teacher),
+            "backward": lambda: native_backward(student, teacher, stats),
+            "forward+backward": lambda: native_step(student, teacher)}[phase]
     benchmark.group = f"native cpu kernel by phase, forward_kl {N}x{V} ({torch.get_num_threads()} threads)"
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
