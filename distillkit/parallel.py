@@ -31,6 +31,7 @@ optional label check (``check_labels=False`` skips it) and the default ``vocab_s
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -77,7 +78,10 @@ def _group(process_group):
     return process_group, dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
-_VOCAB_STARTS: dict = {}
+# group -> {(rank, shard size): vocab_start}. Weak keys: the cache must not keep a destroyed group (and
+# its gloo/NCCL threads) alive until interpreter exit, where a gloo worker freeing a finished collective
+# needs the GIL while Python is finalizing and aborts the process.
+_VOCAB_STARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _default_vocab_start(group, rank: int, world: int, shard_size: int) -> int:
@@ -91,14 +95,13 @@ def _default_vocab_start(group, rank: int, world: int, shard_size: int) -> int:
     if torch.compiler.is_compiling():
         raise ValueError("vocab_start is needed under torch.compile: the default all-gathers the shard sizes "
                          "(a host-level collective); pass vocab_start (e.g. from vocab_shard_range)")
-    key = (id(group), rank, shard_size)
-    hit = _VOCAB_STARTS.get(key)
-    if hit is None:
+    starts = _VOCAB_STARTS.setdefault(group, {})
+    key = (rank, shard_size)
+    if key not in starts:
         sizes: list = [None] * world
         dist.all_gather_object(sizes, shard_size, group=group)
-        hit = (group, sum(sizes[:rank]))  # the group is kept alive so that its id is not reused
-        _VOCAB_STARTS[key] = hit
-    return hit[1]
+        starts[key] = sum(sizes[:rank])
+    return starts[key]
 
 
 def _all_reduce(x: torch.Tensor, op, group, world: int) -> torch.Tensor:

@@ -5,11 +5,15 @@ since the @triton.jit decorator decides at import time.
 """
 
 import os
+import socket
+import sys
+from typing import NoReturn
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from distillkit import backends  # noqa: E402
 
@@ -28,3 +32,29 @@ def available_backends() -> list[str]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- multi-process tests (gloo on CPU) ------------------------------------------------------------
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def end_worker() -> NoReturn:
+    """Destroy the process groups and end a spawned worker that succeeded, skipping interpreter
+    finalization (os._exit(0); mp.spawn reads exit code 0 as success).
+
+    Why not return: a group can outlive destroy_process_group (torch.compile leaves the compiled graph,
+    which holds its example group, in the module's globals). If Python finalizes while a gloo thread is
+    still freeing a just-finished collective, that thread frees the thread-local state captured with it,
+    which holds Python objects (autograd's stashed context in backward); taking the GIL during
+    finalization ends the thread inside a noexcept destructor and the worker aborts (SIGABRT,
+    "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

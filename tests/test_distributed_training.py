@@ -9,11 +9,11 @@ single-process parameters; the per-rank mean (each rank divides by its own count
 from __future__ import annotations
 
 import logging
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import end_worker, free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -79,12 +79,6 @@ def _train(model, teacher, rows, normalization):
     return torch.stack(losses), {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank, world, port, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -113,13 +107,15 @@ def _worker(rank, world, port, out_path):
             results = {k: (losses, {name.removeprefix("module."): v for name, v in state.items()})
                        for k, (losses, state) in results.items()}
             torch.save(results, out_path)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_worker()
 
 
 def test_ddp_with_global_normalization_matches_one_process(tmp_path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
     ddp = torch.load(out)
 
     student, teacher = _models()

@@ -16,12 +16,12 @@ average_tokens_across_devices=False (each rank divides by its own token count) t
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import end_worker, free_port
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -82,19 +82,15 @@ def _worker(rank, world, port, tokenizer_path, examples, out_dir):
                    for name, options in RUNS.items()}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "ddp.pt"))
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        raise
+    end_worker()
 
 
 def _run_workers(workspace, out_dir):
-    context = mp.spawn(_worker, args=(WORLD, _free_port(), workspace["paths"]["tokenizer"],
+    context = mp.spawn(_worker, args=(WORLD, free_port(), workspace["paths"]["tokenizer"],
                                       workspace["ordered"], str(out_dir)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     try:

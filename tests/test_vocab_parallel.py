@@ -9,14 +9,15 @@ the failures of all cases are reported together.
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import available_backends
+from conftest import available_backends, end_worker, free_port
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import distillkit
@@ -28,23 +29,19 @@ WORLD = 2
 BACKENDS = [b for b in available_backends() if b in ("torch", "triton")]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _entry(rank, world, port, fn, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_worker()
 
 
 def spawn(fn, *args, world=WORLD):
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
 def _gather_last_dim(shard: torch.Tensor) -> torch.Tensor:
@@ -228,6 +225,24 @@ def _lm_head_worker(rank, world):
 
 def test_column_parallel_lm_head_with_default_vocab_start():
     spawn(_lm_head_worker)
+
+
+def _released_group_worker(rank, world):
+    group = dist.new_group(list(range(world)))
+    shard = torch.randn(3, 4 + rank)
+    # The default vocab_start is all-gathered once and cached per group: the cache must not keep the
+    # group (and its gloo threads) alive after destroy_process_group.
+    for _ in range(2):
+        distillkit.distill_loss(shard, shard * 2, divergence="forward_kl", process_group=group, backend="torch")
+    collected = weakref.ref(group)
+    dist.destroy_process_group(group)
+    del group
+    gc.collect()
+    assert collected() is None, "the group outlived destroy_process_group and the last reference to it"
+
+
+def test_vocab_start_cache_releases_destroyed_groups():
+    spawn(_released_group_worker)
 
 
 # -- single process -------------------------------------------------------------------------------
