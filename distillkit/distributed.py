@@ -20,6 +20,7 @@ The counts are tensors that stay on the device (all-reduce, no ``.item()``).
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 from typing import Iterable, Optional, Union
@@ -27,7 +28,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main_process", "init_from_env",
+__all__ = ["is_distributed", "rank", "world_size", "local_rank", "is_main_process", "init_from_env", "shutdown",
            "all_reduce_sum", "global_token_count", "data_parallel_loss_scale", "rank_zero_only", "get_logger"]
 
 
@@ -66,6 +67,22 @@ def init_from_env(backend: Optional[str] = None) -> torch.device:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"))
     return device
+
+
+def shutdown() -> None:
+    """End of a multi-process script: wait for every rank, then destroy the process groups. Nothing for
+    a single process.
+
+    Drop what else holds the group first (``del`` the DDP wrapper): a gloo group still alive when
+    Python exits can abort the process (SIGABRT, "terminate called without an active exception").
+    Its worker thread, freeing a just-finished collective, may still need the GIL to release Python
+    objects (the tensors, autograd's context) while the interpreter is finalizing. Destroying the last
+    reference joins those threads before exit; the barrier lets them finish while the ranks wait."""
+    if not is_distributed():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()  # a group held only by reference cycles (a dropped DDP wrapper) is destroyed here
 
 
 def all_reduce_sum(x: Union[torch.Tensor, int, float], group=None, device=None) -> torch.Tensor:

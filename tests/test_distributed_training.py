@@ -9,6 +9,7 @@ single-process parameters; the per-rank mean (each rank divides by its own count
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -110,6 +111,11 @@ def _worker(rank, world, port, out_path):
     except BaseException:
         dist.destroy_process_group()
         raise
+    # dd.shutdown() destroys the group for good (its gloo threads joined): the DDP wrappers, dropped
+    # above, held it only through reference cycles.
+    world_group = weakref.ref(dist.group.WORLD)
+    dd.shutdown()
+    assert not dd.is_distributed() and world_group() is None, "the process group outlived dd.shutdown()"
     end_worker()
 
 
@@ -139,5 +145,7 @@ def test_helpers_in_one_process():
     assert float(dd.global_token_count(labels != -100)) == 3.0
     assert dd.data_parallel_loss_scale() == 1
     assert dd.rank_zero_only(lambda: 7)() == 7
+    dd.shutdown()  # nothing to destroy
+    assert not dd.is_distributed()
     logger = dd.get_logger("distillkit.test.single")
     assert logger is dd.get_logger("distillkit.test.single") and len(logger.handlers) == 1
