@@ -38,6 +38,8 @@ MODEL_KEYS = ("path", "config", "seed", "dtype", "attn_implementation")
 DATA_KEYS = ("train", "eval", "format", "errors", "max_length", "truncation", "use_chat_template",
              "pad_to_multiple_of", "add_eos")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+# TrainingArguments options whose "off" value is the string "no" (an unquoted YAML `no` arrives as False).
+OFF_AS_NO = ("eval_strategy", "save_strategy", "logging_strategy")
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
@@ -155,6 +157,9 @@ def load_config(path: os.PathLike, overrides: Optional[list[str]] = None) -> dic
         raise ConfigError("training must be a mapping of transformers.TrainingArguments options")
     if "output_dir" in training:
         raise ConfigError("set output_dir at the top level, not under training")
+    for key in OFF_AS_NO:  # YAML 1.1 reads an unquoted `no` as False; these options spell "off" as "no"
+        if training.get(key) is False:
+            training[key] = "no"
     config["training"] = training
     loss = config.get("loss") or {}
     if not isinstance(loss, dict):

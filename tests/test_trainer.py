@@ -438,6 +438,11 @@ def test_train_cli_config_errors(tmp_path, monkeypatch, capsys):
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["teacher"]["path"] == str(tmp_path / "teacher")
     assert resolved["loss"]["curriculum"]["measure"] == "steps"
+    # An unquoted YAML `no` is False; the *_strategy options mean the string "no".
+    assert train_cli.main(["--config", config, "--dry-run", "--set", "training.save_strategy=no",
+                           "--set", "training.eval_strategy=no"]) == 0
+    training = json.loads(capsys.readouterr().out)["training"]
+    assert training["save_strategy"] == training["eval_strategy"] == "no"
     assert train_cli.main(["--config", config, "--dry-run", "--set", "lossy=1"]) == 2
     assert "unknown top-level key" in capsys.readouterr().err
     assert train_cli.main(["--config", config, "--set", "loss.temprature=2"]) == 2
