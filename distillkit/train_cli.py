@@ -317,16 +317,20 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"distillkit train: error: {exc}", file=sys.stderr)
         return 2
+    main_process = trainer.is_world_process_zero()  # under torchrun, one line per run, not per rank
     path = "logits-free" if trainer.uses_logits_free() else "logits"
-    logger.info("distilling %s -> %s (%s loss), output in %s", type(trainer.teacher_model).__name__,
-                type(trainer.model).__name__, path, config["output_dir"])
+    if main_process:
+        logger.info("distilling %s -> %s (%s loss), output in %s", type(trainer.teacher_model).__name__,
+                    type(trainer.model).__name__, path, config["output_dir"])
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config["output_dir"])
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
-        logger.info("eval: %s", metrics)
-    logger.info("done: %d steps, train loss %.4f; student saved to %s", result.global_step, result.training_loss,
-                config["output_dir"])
+        if main_process:
+            logger.info("eval: %s", metrics)
+    if main_process:
+        logger.info("done: %d steps, train loss %.4f; student saved to %s", result.global_step,
+                    result.training_loss, config["output_dir"])
     return 0
 
 
