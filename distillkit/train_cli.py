@@ -242,6 +242,21 @@ def load_examples(data: dict, path: str, tokenizer):
     return examples
 
 
+def training_defaults(config: dict) -> dict:
+    """The TrainingArguments keywords: config["training"] plus defaults it does not set."""
+    import torch
+    training = dict(config["training"])
+    training.setdefault("report_to", "none")
+    training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    if "seed" in config:
+        training.setdefault("seed", config["seed"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # Under torchrun without an accelerator, TrainingArguments needs use_cpu=True for DDP (gloo);
+        # otherwise every rank trains its own unsynchronized copy, with only a warning.
+        training.setdefault("use_cpu", True)
+    return training
+
+
 def build_trainer(config: dict, *, output_dir: Optional[str] = None):
     """(trainer, tokenizer) for a config from load_config."""
     from transformers import TrainingArguments
@@ -253,12 +268,7 @@ def build_trainer(config: dict, *, output_dir: Optional[str] = None):
         distill_config = DistillationConfig.from_dict(config["loss"])
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"loss: {exc}") from None
-    training = dict(config["training"])
-    training.setdefault("report_to", "none")
-    import torch
-    training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
-    if "seed" in config:
-        training.setdefault("seed", config["seed"])
+    training = training_defaults(config)
     try:
         args = TrainingArguments(output_dir=output_dir or config["output_dir"], **training)
     except (TypeError, ValueError) as exc:

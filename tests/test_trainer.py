@@ -427,6 +427,20 @@ def test_train_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert paths["teacher"]
 
 
+def test_train_cli_defaults_to_ddp_on_cpu_under_torchrun(monkeypatch):
+    from distillkit import train_cli
+    config = {"training": {"max_steps": 1}, "seed": 3}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    alone = train_cli.training_defaults(config)
+    assert "use_cpu" not in alone and alone["seed"] == 3 and alone["report_to"] == "none"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    no_accelerator = not torch.accelerator.is_available()
+    assert train_cli.training_defaults(config).get("use_cpu") is (True if no_accelerator else None)
+    explicit = {"training": {"use_cpu": False}}
+    assert train_cli.training_defaults(explicit)["use_cpu"] is False
+    assert config == {"training": {"max_steps": 1}, "seed": 3}  # not modified
+
+
 def test_train_cli_config_errors(tmp_path, monkeypatch, capsys):
     from distillkit import train_cli
     monkeypatch.delenv("TINY_DIR", raising=False)
