@@ -157,7 +157,7 @@ def load_config(path: os.PathLike, overrides: Optional[list[str]] = None) -> dic
         raise ConfigError("training must be a mapping of transformers.TrainingArguments options")
     if "output_dir" in training:
         raise ConfigError("set output_dir at the top level, not under training")
-    for key in OFF_AS_NO:  # YAML 1.1 reads an unquoted `no` as False; these options spell "off" as "no"
+    for key in OFF_AS_NO:
         if training.get(key) is False:
             training[key] = "no"
     config["training"] = training
