@@ -212,12 +212,13 @@ def _shard_backward(impl, grad_div, grad_ce, student, teacher, local_labels, sta
 # Custom ops (opaque to torch.compile, so fullgraph=True holds) that take the process group by name, as
 # torch's functional collectives do: a ProcessGroup is not a custom-op argument type.
 
-def _group_name(group) -> str:
-    return "" if group is None else group.group_name
+def _group_name(group, world: int) -> str:
+    """The name the custom ops take; "" for a world of one (no collectives)."""
+    return "" if group is None or world == 1 else group.group_name
 
 
-def _resolve_group(group_name: str):
-    if not group_name:
+def _resolve_group(group_name: str, world: int):
+    if not group_name or world == 1:
         return None
     from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -240,7 +241,7 @@ def vocab_parallel_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(student shard, teacher shard, global labels) -> global per-row (D, ce, valid label, stats), replicated
     on every rank of the group; stats [..., 4] are the global (lse_a, lse_b, c, lse_1) the backward needs."""
-    group = _resolve_group(group_name) if world > 1 else None
+    group = _resolve_group(group_name, world)
     lead, vocab, dev = student.shape[:-1], student.shape[-1], student.device
     with_div = div_id != NO_DIVERGENCE
     zeros = torch.zeros(lead, dtype=torch.float32, device=dev)
@@ -385,7 +386,7 @@ vocab_parallel_rows.register_autograd(_rows_backward, setup_context=_rows_setup_
 
 def _rows(student, teacher, labels, group, world, vocab_start, div_id, mix, temperature, ignore_index, with_ce,
           div_vocab, backend):
-    div, ce, valid, _ = vocab_parallel_rows(student, teacher, labels, _group_name(group) if world > 1 else "",
+    div, ce, valid, _ = vocab_parallel_rows(student, teacher, labels, _group_name(group, world),
                                             world, vocab_start, div_id, mix, temperature, ignore_index, with_ce,
                                             div_vocab, backend)
     return div, ce, valid
@@ -530,8 +531,7 @@ def _(x, group_name, world):
 @torch.library.custom_op("distillkit::group_sum", mutates_args=())
 def _group_sum(x: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     """Sum of x over the group (a fresh tensor)."""
-    return _all_reduce(x.contiguous().clone(), dist.ReduceOp.SUM, _resolve_group(group_name) if world > 1 else None,
-                       world)
+    return _all_reduce(x.contiguous().clone(), dist.ReduceOp.SUM, _resolve_group(group_name, world), world)
 
 
 @_group_sum.register_fake
@@ -555,4 +555,4 @@ def replicated_input(x: torch.Tensor, process_group=None) -> torch.Tensor:
     the group (the hidden state entering a column-parallel LM head) gets the gradient of every shard's
     logits (Megatron's "copy to tensor-parallel region"). DTensor's ColwiseParallel does this itself."""
     group, _, world = _group(process_group)
-    return _replicated_input_op(x, _group_name(group) if world > 1 else "", world)
+    return _replicated_input_op(x, _group_name(group, world), world)
