@@ -4,10 +4,10 @@ TRITON_INTERPRET must be set before distillkit (and so the kernels) is imported,
 since the @triton.jit decorator decides at import time.
 """
 
+import contextlib
 import os
 import socket
 import sys
-from typing import NoReturn
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -43,8 +43,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def end_worker() -> NoReturn:
-    """Destroy the process groups and end a spawned worker that succeeded, skipping interpreter
+@contextlib.contextmanager
+def worker_process():
+    """The body of a spawned worker. On an exception: destroy the process group (if any) and re-raise,
+    for mp.spawn to report. On success: destroy it and end the process without interpreter
     finalization (os._exit(0); mp.spawn reads exit code 0 as success).
 
     Why not return: a group can outlive destroy_process_group (torch.compile leaves the compiled graph,
@@ -53,6 +55,12 @@ def end_worker() -> NoReturn:
     which holds Python objects (autograd's stashed context in backward); taking the GIL during
     finalization ends the thread inside a noexcept destructor and the worker aborts (SIGABRT,
     "terminate called without an active exception")."""
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.stdout.flush()

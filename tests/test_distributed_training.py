@@ -14,7 +14,7 @@ import weakref
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import end_worker, free_port
+from conftest import free_port, worker_process
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -83,7 +83,7 @@ def _train(model, teacher, rows, normalization):
 def _worker(rank, world, port, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with worker_process():
         per_rank = len(LENGTHS) // world
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
 
@@ -108,15 +108,11 @@ def _worker(rank, world, port, out_path):
             results = {k: (losses, {name.removeprefix("module."): v for name, v in state.items()})
                        for k, (losses, state) in results.items()}
             torch.save(results, out_path)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # dd.shutdown() destroys the group for good (its gloo threads joined): the DDP wrappers, dropped
-    # above, held it only through reference cycles.
-    world_group = weakref.ref(dist.group.WORLD)
-    dd.shutdown()
-    assert not dd.is_distributed() and world_group() is None, "the process group outlived dd.shutdown()"
-    end_worker()
+        # dd.shutdown() destroys the group for good (its gloo threads joined): the DDP wrappers, dropped
+        # above, no longer hold it.
+        world_group = weakref.ref(dist.group.WORLD)
+        dd.shutdown()
+        assert not dd.is_distributed() and world_group() is None, "the process group outlived dd.shutdown()"
 
 
 def test_ddp_with_global_normalization_matches_one_process(tmp_path):

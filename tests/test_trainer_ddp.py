@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import end_worker, free_port
+from conftest import free_port, worker_process
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -74,19 +74,13 @@ def _worker(rank, world, port, tokenizer_path, examples, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    import torch.distributed as dist
-    try:
+    with worker_process():
         workspace = {"tokenizer": transformers.AutoTokenizer.from_pretrained(tokenizer_path), "examples": examples}
         results = {name: _train(workspace, os.path.join(out_dir, f"rank{rank}", name), PER_DEVICE, *options,
                                 ddp_backend="gloo")
                    for name, options in RUNS.items()}
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "ddp.pt"))
-    except BaseException:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        raise
-    end_worker()
 
 
 def _run_workers(workspace, out_dir):

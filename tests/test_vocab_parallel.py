@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import available_backends, end_worker, free_port
+from conftest import available_backends, free_port, worker_process
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import distillkit
@@ -32,12 +32,8 @@ BACKENDS = [b for b in available_backends() if b in ("torch", "triton")]
 def _entry(rank, world, port, fn, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with worker_process():
         fn(rank, world, *args)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    end_worker()
 
 
 def spawn(fn, *args, world=WORLD):
