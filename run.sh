@@ -22,6 +22,13 @@ stamp="$VENV/.distillkit-installed"
 digest=$(cat pyproject.toml setup.py $(find csrc -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     echo "[run.sh] installing torch, triton and distillkit (first run: a few minutes)" >&2
+    # pip resolves a CUDA build of torch on Linux: about 6 GB in the venv. Say so up front
+    # rather than leave the user with pip's "No space left on device" halfway through.
+    free_mb=$(df -Pm "$VENV" | awk 'NR == 2 {print $4}')
+    if ! python -c "import torch" 2>/dev/null && [ "${free_mb:-0}" -lt 7000 ]; then
+        echo "[run.sh] warning: ${free_mb} MB free where $VENV lives; torch with its CUDA" \
+             "libraries needs about 6,000 MB (set DISTILLKIT_VENV to a roomier place)" >&2
+    fi
     python -m pip install --quiet --upgrade pip
     # The extension builds against the installed torch, so torch comes first and the
     # package is built without build isolation (which would fetch a second torch).
