@@ -18,12 +18,10 @@ at the Trainer's logging steps. See docs/TRAINER.md.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -34,11 +32,12 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the [train] extra
     raise ImportError("distillkit.trainer needs transformers: pip install 'distillkit[train]'") from exc
 
-from . import _checks
 from .curriculum import (CompetenceCurriculum, CurriculumConfig, mean_over_mask, reference_scores, token_entropy,
                          token_entropy_from_hidden)
+from .lm_head import forward_hidden, head_problem, head_reproduces_logits
 from .modules import DEFAULT_SPAN_WEIGHTS, SpanDistillationLoss
 from .spans import PAD_SPAN, SPAN_NAMES, Span
+from .trainer_config import COMPONENT_MODES, DistillationConfig  # noqa: F401  (re-exported)
 
 try:  # the logits-free op; the trainer falls back to logits without it
     from .fused_linear import fused_linear_distill_loss
@@ -49,91 +48,6 @@ logger = logging.getLogger("distillkit.trainer")
 
 LOSS_STATE_NAME = "distill_loss.safetensors"  # span weight table and learned log-variances
 CONFIG_NAME = "distill_config.json"
-COMPONENT_MODES = ("auto", "all", "logged_steps", "off")
-
-
-@dataclass
-class DistillationConfig:
-    """The loss of a `DistillationTrainer`.
-
-    divergence, temperature, temperature_scaling, beta, skew: as in `distillkit.distill_loss`.
-    span_weights: {span name or id: (kl_weight, ce_weight)}; None = DEFAULT_SPAN_WEIGHTS (KL on reasoning
-        and answers, CE on actions, nothing on prompts and observations).
-    learnable_span_weights: learn one log-variance per non-zero table entry (uncertainty weighting); the
-        parameters join the optimizer (lr span_weight_lr, default the training learning rate, no weight
-        decay) and are saved in every checkpoint (distill_loss.safetensors).
-    curriculum: a CurriculumConfig (or its dict): per-sample weights from trajectory complexity.
-    backend: the fused op's backend. use_logits_free: "auto" (when both models expose a final hidden state
-        and a linear LM head), True (required) or False (always logits). chunk_size: token rows per chunk
-        of the logits-free op (None: automatic).
-    vocab_mismatch: "error" | "truncate" (teacher and student vocabularies of different sizes).
-    log_components: "auto" (every micro-batch on the logits path, where they are free; the micro-batches of
-        logged steps on the logits-free path, which computes them with extra passes), "all",
-        "logged_steps" or "off".
-    """
-
-    divergence: str = "forward_kl"
-    temperature: float = 1.0
-    temperature_scaling: bool = True
-    beta: float = 0.5
-    skew: float = 0.1
-    span_weights: Optional[dict] = None
-    learnable_span_weights: bool = False
-    span_weight_lr: Optional[float] = None
-    curriculum: Optional[CurriculumConfig] = None
-    backend: str = "auto"
-    use_logits_free: Union[str, bool] = "auto"
-    chunk_size: Optional[int] = None
-    vocab_mismatch: str = "error"
-    ignore_index: int = -100
-    check_labels: bool = True
-    log_components: str = "auto"
-
-    def __post_init__(self):
-        _checks.check_options(divergence=self.divergence, beta=self.beta, skew=self.skew,
-                              temperature=float(self.temperature), reduction="mean", backend=self.backend)
-        self.temperature = float(self.temperature)
-        if isinstance(self.curriculum, Mapping):
-            self.curriculum = CurriculumConfig.from_dict(self.curriculum)
-        if self.curriculum is not None and not isinstance(self.curriculum, CurriculumConfig):
-            raise TypeError(f"curriculum must be a CurriculumConfig or a dict; got {type(self.curriculum).__name__}")
-        if self.span_weights is not None:
-            table = {}
-            for key, value in dict(self.span_weights).items():
-                if not isinstance(value, (list, tuple)) or len(value) != 2:
-                    raise ValueError(f"span_weights[{key!r}] must be a pair (kl_weight, ce_weight); got {value!r}")
-                table[key] = (float(value[0]), float(value[1]))
-            self.span_weights = table
-        if isinstance(self.use_logits_free, str):
-            lowered = self.use_logits_free.lower()
-            mapping = {"auto": "auto", "true": True, "false": False}
-            if lowered not in mapping:
-                raise ValueError(f"use_logits_free must be 'auto', True or False; got {self.use_logits_free!r}")
-            self.use_logits_free = mapping[lowered]
-        elif not isinstance(self.use_logits_free, bool):
-            raise ValueError(f"use_logits_free must be 'auto', True or False; got {self.use_logits_free!r}")
-        if self.log_components not in COMPONENT_MODES:
-            raise ValueError(f"log_components must be one of {COMPONENT_MODES}; got {self.log_components!r}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1; got {self.chunk_size}")
-        if self.span_weight_lr is not None and not self.span_weight_lr >= 0:
-            raise ValueError(f"span_weight_lr must be >= 0; got {self.span_weight_lr}")
-        _checks.check_choice("vocab_mismatch", self.vocab_mismatch, _checks.VOCAB_MISMATCH)
-
-    @classmethod
-    def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "DistillationConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown loss option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if self.span_weights is not None:
-            out["span_weights"] = {str(k): list(v) for k, v in self.span_weights.items()}
-        return out
 
 
 def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
@@ -141,14 +55,6 @@ def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
     Shifting the targets (not the logits) leaves the logits / hidden states contiguous and uncopied; the last
     position gets weight 0."""
     return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
 
 
 class DistillationTrainer(Trainer):
@@ -313,29 +219,6 @@ class DistillationTrainer(Trainer):
             model = model.get_base_model()
         return model
 
-    @staticmethod
-    def _head_problem(model: nn.Module) -> Optional[str]:
-        """Why `model` cannot feed the logits-free op (None if it can)."""
-        if not hasattr(model, "get_output_embeddings") or not hasattr(model, "get_decoder"):
-            return f"{type(model).__name__} has no get_output_embeddings()/get_decoder()"
-        head = model.get_output_embeddings()
-        if type(head) is not nn.Linear:
-            return f"{type(model).__name__}'s output embedding is {type(head).__name__}, not a plain nn.Linear"
-        if head.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return f"the logits-free op takes fp32/bf16/fp16 LM heads, not {head.weight.dtype}"
-        try:
-            decoder = model.get_decoder()
-        except (AttributeError, NotImplementedError) as exc:
-            return f"{type(model).__name__}.get_decoder() failed ({exc})"
-        if decoder is None or decoder is model:
-            return f"{type(model).__name__} exposes no separate decoder"
-        config = getattr(model, "config", None)
-        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
-            value = getattr(config, attr, None)
-            if value not in (None, 0, 1, 1.0, False):
-                return f"{type(model).__name__} transforms its logits ({attr}={value})"
-        return None
-
     def uses_logits_free(self, model: Optional[nn.Module] = None) -> bool:
         """Whether the loss runs on hidden states + LM-head weights (resolved once, from both models)."""
         if self._logits_free is None:
@@ -348,7 +231,7 @@ class DistillationTrainer(Trainer):
                     problems.append("distillkit.fused_linear is not available")
                 for name, m in (("student", self._unwrap(model if model is not None else self.model)),
                                 ("teacher", self._unwrap(self.teacher_model))):
-                    problem = self._head_problem(m)
+                    problem = head_problem(m)
                     if problem:
                         problems.append(f"{name}: {problem}")
                 if not problems:
@@ -365,49 +248,14 @@ class DistillationTrainer(Trainer):
         return self._logits_free
 
     def _forward_hidden(self, model: nn.Module, kwargs: dict):
-        """Run `model` (wrapped or not), capturing its decoder's final hidden state; the LM head computes the
-        logits of the last position only (logits_to_keep=1) where the model supports it."""
-        unwrapped = self._unwrap(model)
-        decoder, head = unwrapped.get_decoder(), unwrapped.get_output_embeddings()
-        captured = {}
-
-        def hook(_module, _args, output):
-            captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-        handle = decoder.register_forward_hook(hook)
-        try:
-            extra = {"logits_to_keep": 1} if _accepts(unwrapped.forward, "logits_to_keep") else {}
-            outputs = model(**kwargs, **extra)
-        finally:
-            handle.remove()
-        if "hidden" not in captured:
-            raise RuntimeError(f"{type(unwrapped).__name__}'s decoder did not run in its forward")
-        hidden = captured["hidden"]
-        if hidden.dtype != head.weight.dtype:
-            hidden = hidden.to(head.weight.dtype)
-        return hidden, head, outputs
+        return forward_hidden(model, self._unwrap(model), kwargs)
 
     def _verify_head(self, model: nn.Module, hidden: torch.Tensor, head: nn.Linear, outputs) -> bool:
-        """Once per model: the captured hidden state through the head reproduces the model's own logits (of the
-        last position). The tolerance (5% relative, in norm) absorbs low-precision / autocast rounding; a wrong
-        hidden state (e.g. before the final norm) or a transformed head is off by O(1)."""
+        """Once per model: head(hidden) reproduces the model's own logits (lm_head.head_reproduces_logits)."""
         key = id(self._unwrap(model))
-        if key in self._head_verified:
-            return True
-        logits = getattr(outputs, "logits", None)
-        if logits is None:
-            return False
-        with torch.no_grad():
-            bias = head.bias.float() if head.bias is not None else None
-            mine = nn.functional.linear(hidden[:, -1:].float(), head.weight.float(), bias)
-            theirs = logits[:, -1:].float()
-            if mine.shape != theirs.shape:
-                return False
-            error = torch.linalg.vector_norm(mine - theirs) / torch.linalg.vector_norm(theirs).clamp_min(1e-6)
-            ok = bool(error <= 5e-2)
-        if ok:
+        if key not in self._head_verified and head_reproduces_logits(hidden, head, outputs):
             self._head_verified.add(key)
-        return ok
+        return key in self._head_verified
 
     # ------------------------------------------------------------------ the loss
 

@@ -7,7 +7,6 @@ Inputs are quantized to the kernel's dtype first, so the oracle sees the same nu
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys

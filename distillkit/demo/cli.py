@@ -56,7 +56,7 @@ def format_table(report: dict) -> str:
     rows.append("tool acc: gold tool calls reproduced; ECE: step confidence vs correctness; ECE/T: vs the "
                 "teacher's probability of the same action; escal.: share of steps taken by the teacher.")
     share = casc["test"]["tier_share"]
-    rows.append(f"cascade tiny/distilled/teacher share of steps: "
+    rows.append("cascade tiny/distilled/teacher share of steps: "
                 + " / ".join(_pct(s).strip() for s in share))
     rows.append("")
     rows.append("goals (reported as measured):")

@@ -24,9 +24,8 @@ import json
 import os
 import platform
 import random
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

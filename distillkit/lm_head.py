@@ -1,0 +1,94 @@
+"""The logits-free path of `DistillationTrainer`: whether a Hugging Face causal LM can feed
+`fused_linear_distill_loss` (a final hidden state and a plain linear LM head), running it to that
+hidden state, and checking once that head(hidden) reproduces the model's own logits.
+
+All three take the unwrapped model (no DDP / PEFT wrapper); `forward_hidden` runs the wrapped one,
+so that data-parallel gradient hooks fire.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+# Config attributes through which a model transforms head(hidden) before returning its logits.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+# head(hidden) vs the model's logits, relative in norm: absorbs bf16 / autocast rounding; a wrong hidden
+# state (e.g. before the final norm) or a transformed head is off by O(1).
+HEAD_CHECK_TOLERANCE = 5e-2
+
+
+def head_problem(model: nn.Module) -> Optional[str]:
+    """Why `model` cannot feed the logits-free op (None if it can)."""
+    if not hasattr(model, "get_output_embeddings") or not hasattr(model, "get_decoder"):
+        return f"{type(model).__name__} has no get_output_embeddings()/get_decoder()"
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return f"{type(model).__name__}'s output embedding is {type(head).__name__}, not a plain nn.Linear"
+    if head.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the logits-free op takes fp32/bf16/fp16 LM heads, not {head.weight.dtype}"
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError) as exc:
+        return f"{type(model).__name__}.get_decoder() failed ({exc})"
+    if decoder is None or decoder is model:
+        return f"{type(model).__name__} exposes no separate decoder"
+    config = getattr(model, "config", None)
+    for attr in LOGIT_TRANSFORMS:
+        value = getattr(config, attr, None)
+        if value not in (None, 0, 1, 1.0, False):
+            return f"{type(model).__name__} transforms its logits ({attr}={value})"
+    return None
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def forward_hidden(model: nn.Module, unwrapped: nn.Module, kwargs: dict):
+    """Run `model` (wrapped or not; `unwrapped` is the bare model), capturing its decoder's final hidden
+    state; the LM head computes the logits of the last position only (logits_to_keep=1) where the model
+    supports it. Returns (hidden in the head's dtype, head, the model's outputs)."""
+    decoder, head = unwrapped.get_decoder(), unwrapped.get_output_embeddings()
+    captured = {}
+
+    def hook(_module, _args, output):
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        extra = {"logits_to_keep": 1} if _accepts(unwrapped.forward, "logits_to_keep") else {}
+        outputs = model(**kwargs, **extra)
+    finally:
+        handle.remove()
+    if "hidden" not in captured:
+        raise RuntimeError(f"{type(unwrapped).__name__}'s decoder did not run in its forward")
+    hidden = captured["hidden"]
+    if hidden.dtype != head.weight.dtype:
+        hidden = hidden.to(head.weight.dtype)
+    return hidden, head, outputs
+
+
+def head_reproduces_logits(hidden: torch.Tensor, head: nn.Linear, outputs) -> bool:
+    """Whether the captured hidden state through the head gives the model's own logits (last position)."""
+    logits = getattr(outputs, "logits", None)
+    if logits is None:
+        return False
+    with torch.no_grad():
+        bias = head.bias.float() if head.bias is not None else None
+        mine = nn.functional.linear(hidden[:, -1:].float(), head.weight.float(), bias)
+        theirs = logits[:, -1:].float()
+        if mine.shape != theirs.shape:
+            return False
+        error = torch.linalg.vector_norm(mine - theirs) / torch.linalg.vector_norm(theirs).clamp_min(1e-6)
+        return bool(error <= HEAD_CHECK_TOLERANCE)
+
+
+__all__ = ["head_problem", "forward_hidden", "head_reproduces_logits"]
