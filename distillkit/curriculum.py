@@ -30,11 +30,12 @@ computes the same weights.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from ._checks import known_options
 from .spans import PAD_SPAN, Span
 
 MEASURES = ("steps", "action_tokens", "target_tokens", "tokens")
@@ -75,11 +76,7 @@ class CurriculumConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "CurriculumConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown curriculum option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        return cls(**known_options(cls, values, "curriculum"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -229,14 +229,15 @@ class DistillationTrainer(Trainer):
                 problems = []
                 if fused_linear_distill_loss is None:
                     problems.append("distillkit.fused_linear is not available")
-                for name, m in (("student", self._unwrap(model if model is not None else self.model)),
-                                ("teacher", self._unwrap(self.teacher_model))):
+                student = self._unwrap(model if model is not None else self.model)
+                teacher = self._unwrap(self.teacher_model)
+                for name, m in (("student", student), ("teacher", teacher)):
                     problem = head_problem(m)
                     if problem:
                         problems.append(f"{name}: {problem}")
                 if not problems:
-                    student_w = self._unwrap(model if model is not None else self.model).get_output_embeddings().weight
-                    teacher_w = self._unwrap(self.teacher_model).get_output_embeddings().weight
+                    student_w = student.get_output_embeddings().weight
+                    teacher_w = teacher.get_output_embeddings().weight
                     if student_w.device != teacher_w.device:
                         problems.append(f"the LM heads are on different devices ({student_w.device}, "
                                         f"{teacher_w.device})")

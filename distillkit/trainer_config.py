@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional, Union
 
 from . import _checks
@@ -82,12 +82,7 @@ class DistillationConfig:
 
     @classmethod
     def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "DistillationConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown loss option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        return cls(**_checks.known_options(cls, values or {}, "loss"))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
