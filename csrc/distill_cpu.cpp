@@ -2,19 +2,20 @@
 //
 // Rows run in parallel (at::parallel_for; blocks of rows handed out dynamically).
 // Each row is walked in chunks of kChunk elements that are converted (fp32/bf16/
-// fp16 -> fp32), scaled by 1/T and copied into small stack buffers; the
-// vectorized loops over those buffers are in distill_cpu_chunks.h. No [N, V]
-// temporary is allocated except the returned gradient.
+// fp16 -> fp32), minus the row's raw max once it is known, and copied into small stack
+// buffers; the vectorized loops over those buffers (distill_cpu_chunks.h) multiply by 1/T
+// after that subtraction. No [N, V] temporary is allocated except the returned gradient.
 //
-// Forward, per row:
+// Forward, per row (t, s raw; m_* raw maxima; z_* = sum e^((x - m_x) / T)):
 //   ids 1, 2: one pass; per chunk the running maxima move to the chunk's max,
-//     the sums are rescaled, then z_a += sum e^(a-m_a), z_b += sum e^(b-m_b) and
-//     w += sum e^(x-m_x)(x-y) (x = a for forward KL, b for reverse KL), so
-//     D = w / z_x - lse(x) + lse(y).
-//   ids 3..6: pass 1 the two normalizers, pass 2 D = sum d_j and c = sum h_j.
-//   CE: lse(s) at T = 1 from the same chunks (reused from lse(b) when T == 1).
+//     the sums are rescaled, then z_a, z_b and w += sum e^((x-m_x)/T)((x-m_x)-(y-ref))
+//     (x = t for forward KL, s for reverse KL; ref = y at x's argmax: distill_math.h, kl_move).
+//   ids 3..6: pass 1 the two (m, z), pass 2 D = sum d_j and c = sum h_j.
+//   CE: (m_1, z_1) at T = 1 from the same chunks (those of s when T == 1).
+//   Then the explicit non-finite checks (div_bad; ls_1).
 // Backward, per row, one pass:
 //   grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)),
+//   every entry below the output dtype's smallest normal stored as 0;
 //   rows with grad_div == grad_ce == 0 are zero-filled without reading.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -44,7 +45,7 @@ struct Args : RowInputs {
   int64_t gd_stride, gc_stride;
   float* div;
   float* ce;
-  float* stats;  // [N, 4]: lse(a), lse(b), c, lse(s)
+  float* stats;  // [N, 8]: m_t, ls_a, m_s, ls_b, c, m_1, ls_1, ref (maxima raw: no 1/T rounding in them)
   void* grad;    // [N, V] contiguous, student dtype
 };
 
@@ -52,84 +53,109 @@ template <int DIV, typename TS, typename TT>
 void forward_rows(const Args& a, int64_t begin, int64_t end) {
   alignas(64) float A[kChunk], B[kChunk], S[kChunk];
   const int64_t V = a.vocab;
-  const bool t1 = a.inv_t == 1.0f;
-  const bool ce_own = a.with_ce && (DIV == kNone || !t1);  // else lse(s) = lse(b)
+  const float it = a.inv_t;
+  const bool t1 = it == 1.0f;
+  const bool ce_own = a.with_ce && (DIV == kNone || !t1);  // else (m_1, z_1) = (m_b, z_b)
   for (int64_t row = begin; row < end; ++row) {
     const TS* s = static_cast<const TS*>(a.student) + row * a.s_stride;
     const TT* t = DIV != kNone ? static_cast<const TT*>(a.teacher) + row * a.t_stride : nullptr;
-    float m_a = kNegInf, z_a = 0.0f, m_b = kNegInf, z_b = 0.0f, w = 0.0f, m_s = kNegInf, z_s = 0.0f;
+    float m_a = kNegInf, z_a = 0.0f, m_b = kNegInf, z_b = 0.0f, w = 0.0f, ref = 0.0f, m_s = kNegInf, z_s = 0.0f;
     for (int64_t start = 0; start < V; start += kChunk) {
       const int64_t n = std::min(kChunk, V - start), np = padded(n);
-      if constexpr (DIV != kNone) {
-        const float na = fmax2(m_a, load_chunk(t + start, n, a.inv_t, A));
-        const float nb = fmax2(m_b, load_chunk(s + start, n, a.inv_t, B));
+      if constexpr (is_online(DIV)) {
+        // x weights the log-ratio (the teacher for forward KL, the student for reverse KL), y is the other
+        constexpr bool fwd = DIV == kForwardKL;
+        const float ca = load_chunk(t + start, n, 0.0f, A), cb = load_chunk(s + start, n, 0.0f, B);
+        const float* X = fwd ? A : B;
+        const float* Y = fwd ? B : A;
+        const float cx = fwd ? ca : cb, cy = fwd ? cb : ca;
+        float& m_x = fwd ? m_a : m_b;
+        float& z_x = fwd ? z_a : z_b;
+        float& m_y = fwd ? m_b : m_a;
+        float& z_y = fwd ? z_b : z_a;
+        float ref_new = ref;
+        if (cx > m_x) {  // the chunk moves the max: ref becomes y there (unless that is -inf)
+          const float r = y_at_max(X, Y, n, cx);
+          if (r > kNegInf) ref_new = r;
+        }
+        const float rx = kl_move(m_x, z_x, w, ref, fmax2(m_x, cx), ref_new, it);
+        const float ny = fmax2(m_y, cy), ry = safe_ref(ny);
+        z_y *= shift_scale(m_y, ry, it);
+        m_y = ny;
+        float sums[3];
+        kl_sums(X, Y, np, rx, ry, ref, it, sums);
+        z_x += sums[0];
+        w += sums[1];
+        z_y += sums[2];
+      } else if constexpr (DIV != kNone) {
+        const float na = fmax2(m_a, load_chunk(t + start, n, 0.0f, A));
+        const float nb = fmax2(m_b, load_chunk(s + start, n, 0.0f, B));
         const float ra = safe_ref(na), rb = safe_ref(nb);
-        const float sa = fexp(m_a - ra), sb = fexp(m_b - rb);
-        z_a *= sa;
-        z_b *= sb;
+        z_a *= shift_scale(m_a, ra, it);
+        z_b *= shift_scale(m_b, rb, it);
         m_a = na;
         m_b = nb;
-        float sums[3];
-        if constexpr (DIV == kForwardKL) {  // the teacher weights the log-ratio
-          kl_sums(A, B, np, ra, rb, sums);
-          w = rescale(w, sa) + sums[1];
-          z_a += sums[0];
-          z_b += sums[2];
-        } else if constexpr (DIV == kReverseKL) {  // the student does
-          kl_sums(B, A, np, rb, ra, sums);
-          w = rescale(w, sb) + sums[1];
-          z_b += sums[0];
-          z_a += sums[2];
-        } else {
-          sum_exp2(A, B, np, ra, rb, sums);
-          z_a += sums[0];
-          z_b += sums[1];
-        }
+        float sums[2];
+        sum_exp2(A, B, np, ra, rb, it, sums);
+        z_a += sums[0];
+        z_b += sums[1];
       }
       if (ce_own) {
-        const float ns = fmax2(m_s, load_chunk(s + start, n, 1.0f, S));
+        const float ns = fmax2(m_s, load_chunk(s + start, n, 0.0f, S));
         const float rs = safe_ref(ns);
-        z_s = z_s * fexp(m_s - rs) + sum_exp(S, np, rs);
+        z_s = z_s * shift_scale(m_s, rs, 1.0f) + sum_exp(S, np, rs, 1.0f);
         m_s = ns;
       }
     }
-    float lse_a = 0.0f, lse_b = 0.0f, d = 0.0f, c = 0.0f;
+    float ls_a = 0.0f, ls_b = 0.0f, d = 0.0f, c = 0.0f;
+    bool bad = false;
     if constexpr (DIV != kNone) {
-      lse_a = finish_lse(m_a, z_a);
-      lse_b = finish_lse(m_b, z_b);
+      ls_a = finish_ls(z_a);
+      ls_b = finish_ls(z_b);
+      bad = div_bad(m_a, ls_a, m_b, ls_b);
+    }
+    float m_1 = 0.0f, ls_1 = 0.0f, ce = 0.0f;
+    if (a.with_ce) {  // before ls_b is overwritten below: CE only needs the student
+      m_1 = ce_own ? m_s : m_b;
+      ls_1 = ce_own ? finish_ls(z_s) : ls_b;
+      if (!(finite(m_1) && finite(ls_1))) ls_1 = kNaN;
+      const int64_t y = a.labels[row * a.y_stride];
+      if (label_valid(y, V, a.ignore_index)) ce = (m_1 - static_cast<float>(s[y])) + ls_1;
     }
     if constexpr (DIV == kForwardKL) {
-      d = finish_kl(w, z_a, lse_a, lse_b);
+      d = forward_kl_div(w, z_a, m_b, ref, ls_a, ls_b, it);
       c = -1.0f;
     } else if constexpr (DIV == kReverseKL) {
-      d = finish_kl(w, z_b, lse_b, lse_a);
-      c = d;
+      c = reverse_kl_c(w, z_b, it);
+      d = reverse_kl_div(c, m_a, ref, ls_a, ls_b, it);
     } else if constexpr (DIV != kNone) {
-      // chunk sums added in double: a row of 256-element chunks has hundreds of them
-      double sums[2] = {0.0, 0.0};
-      for (int64_t start = 0; start < V; start += kChunk) {
-        const int64_t n = std::min(kChunk, V - start);
-        load_chunk(t + start, n, a.inv_t, A);
-        load_chunk(s + start, n, a.inv_t, B);
-        mix_sums<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), padded(n), lse_a, lse_b,
-                      a.mp, static_cast<double*>(sums));
+      if (!bad) {
+        // chunk sums added in double: a row of 256-element chunks has hundreds of them
+        double sums[2] = {0.0, 0.0};
+        const RowStats rs{ls_a, ls_b, 0.0f, it};
+        for (int64_t start = 0; start < V; start += kChunk) {
+          const int64_t n = std::min(kChunk, V - start);
+          load_chunk(t + start, n, m_a, A);
+          load_chunk(s + start, n, m_b, B);
+          mix_sums<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), padded(n), rs, a.mp,
+                        static_cast<double*>(sums));
+        }
+        d = static_cast<float>(sums[0]);
+        c = static_cast<float>(sums[1]);
       }
-      d = static_cast<float>(sums[0]);
-      c = static_cast<float>(sums[1]);
     }
-    float lse_s = 0.0f, ce = 0.0f;
-    if (a.with_ce) {
-      lse_s = ce_own ? finish_lse(m_s, z_s) : lse_b;
-      const int64_t y = a.labels[row * a.y_stride];
-      if (label_valid(y, V, a.ignore_index)) ce = lse_s - static_cast<float>(s[y]);
-    }
+    if (bad) d = c = ls_a = ls_b = kNaN;
     a.div[row] = d;
     a.ce[row] = ce;
-    float* st = a.stats + row * 4;
-    st[0] = lse_a;
-    st[1] = lse_b;
-    st[2] = c;
-    st[3] = lse_s;
+    float* st = a.stats + row * 8;
+    st[0] = DIV != kNone ? m_a : 0.0f;
+    st[1] = ls_a;
+    st[2] = DIV != kNone ? m_b : 0.0f;
+    st[3] = ls_b;
+    st[4] = c;
+    st[5] = m_1;
+    st[6] = ls_1;
+    st[7] = ref;  // 0 but for the one-pass KLs
   }
 }
 
@@ -139,6 +165,7 @@ void backward_rows(const Args& a, int64_t begin, int64_t end) {
   const int64_t V = a.vocab;
   const bool t1 = a.inv_t == 1.0f;
   constexpr bool direct = std::is_same_v<TS, float>;
+  constexpr float thr = kFlushBelow;
   for (int64_t row = begin; row < end; ++row) {
     TS* g = static_cast<TS*>(a.grad) + row * V;
     float gd, gc;
@@ -150,30 +177,41 @@ void backward_rows(const Args& a, int64_t begin, int64_t end) {
     }
     const TS* s = static_cast<const TS*>(a.student) + row * a.s_stride;
     const TT* t = DIV != kNone ? static_cast<const TT*>(a.teacher) + row * a.t_stride : nullptr;
-    const float* st = a.stats + row * 4;
+    const float* st = a.stats + row * 8;
     // Skip, not multiply by 0: a row weighted out of the divergence may have an infinite one.
     const bool use_div = DIV != kNone && gd != 0.0f;
+    if (use_div && st[4] != st[4]) {  // c is NaN: the row has no divergence, and so no gradient
+      std::fill(g, g + V, static_cast<TS>(kNaN));
+      continue;
+    }
+    const RowStats rs{st[1], st[3], st[4], a.inv_t};
+    const float m_1 = st[5], ls_1 = st[6];
     const bool ce_fold = use_div && t1;  // softmax(s) is q: one exp less
+    const bool ce_after = gc != 0.0f && !ce_fold;
     const float coef = gd * a.inv_t;
+    // The buffers hold t - m_t (t - ref for reverse KL: grad_div_impl) and s - m_s.
+    const float shift_a = DIV == kReverseKL ? st[7] : st[0], shift_b = st[2];
+    const bool reuse_b = m_1 == shift_b;  // B already holds s - m_1 for the CE term
     for (int64_t start = 0; start < V; start += kChunk) {
       const int64_t n = std::min(kChunk, V - start);
       // fp32 gradients are written in place; the others go through O and one conversion.
       float* out = direct ? reinterpret_cast<float*>(g + start) : static_cast<float*>(O);
       const int64_t cnt = direct ? n : padded(n);
+      // Whichever loop writes an entry last flushes it.
       if (use_div) {
-        load_chunk(t + start, n, a.inv_t, A);
-        load_chunk(s + start, n, a.inv_t, B);
-        grad_div<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), cnt, st[0], st[1], st[2], coef,
-                      ce_fold ? gc : 0.0f, a.mp, out);
-        if (gc != 0.0f && !ce_fold) {
-          load_chunk(s + start, n, 1.0f, A);
-          grad_ce(A, cnt, st[3], gc, true, out);
+        load_chunk(t + start, n, shift_a, A);
+        load_chunk(s + start, n, shift_b, B);
+        grad_div<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), cnt, rs, coef,
+                      ce_fold ? gc : 0.0f, ce_after ? 0.0f : thr, a.mp, out);
+        if (ce_after) {
+          if (!reuse_b) load_chunk(s + start, n, m_1, B);
+          grad_ce(static_cast<const float*>(B), cnt, ls_1, gc, true, thr, out);
         }
       } else {
-        load_chunk(s + start, n, 1.0f, A);
-        grad_ce(A, cnt, st[3], gc, false, out);
+        load_chunk(s + start, n, m_1, A);
+        grad_ce(A, cnt, ls_1, gc, false, thr, out);
       }
-      if (y >= start && y < start + n) out[y - start] -= gc;
+      if (y >= start && y < start + n) out[y - start] = flush(out[y - start] - gc, thr);
       if (!direct) store_chunk(out, n, g + start);
     }
   }
@@ -240,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cpu(
     int64_t divergence, double mix, double temperature, int64_t ignore_index, bool with_ce) {
   const Rows r = check_rows_forward(student, teacher, labels, divergence, mix, temperature, with_ce, at::kCPU);
   const auto opts = student.options().dtype(at::kFloat);
-  at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 4}, opts);
+  at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 8}, opts);
   Args a{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
   a.div = div.data_ptr<float>();
   a.ce = ce.data_ptr<float>();

@@ -11,7 +11,8 @@
 // memory-bound (bf16 forward + backward at 4096x32000: 137 vs 148 ms).
 //
 // Same math as the portable loops: the same range reduction and polynomial as fexp
-// (distill_math.h), e^x = 0 below the smallest normal, NaN propagates. Buffers are
+// (distill_math.h), e^x = 0 below the smallest normal, NaN propagates (the row's
+// NaN check reads it from the sums: the loaders' max drops NaN). Buffers are
 // the same padded stack buffers (-inf padding to a multiple of 16), so every loop
 // runs whole vectors; only a store to the caller's memory is masked at the tail.
 #pragma once
@@ -67,84 +68,140 @@ DK_AVX512_INLINE __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
 }
 
-// -- pass-1 sums (n a multiple of 16) ----------------------------------------------
-DK_AVX512 inline float sum_exp(const float* x, int64_t n, float rx) {
-  const __m512 vrx = _mm512_set1_ps(rx);
+// The gradient loops take thr = FLT_MIN (kFlushBelow: the entries below it, i.e. the subnormal
+// lanes, become 0; one vfpclassps, NaN kept) or thr = 0 (no flush: a value the next loop adds
+// to), and are compiled for both.
+template <bool FLUSH>
+DK_AVX512_INLINE __m512 flush16(__m512 g) {
+  if constexpr (FLUSH) return _mm512_mask_mov_ps(g, _mm512_fpclass_ps_mask(g, 0x20), _mm512_setzero_ps());
+  else return g;
+}
+
+// f.template operator()<FLUSH>() for thr.
+template <typename Fn>
+DK_AVX512_INLINE void by_flush(float thr, Fn&& f) {
+  if (thr == 0.0f) f.template operator()<false>();
+  else f.template operator()<true>();
+}
+
+// (x - r) / T: subtract, then multiply (distill_math.h); no multiply at T = 1 (the same float).
+template <bool SCALED>
+DK_AVX512_INLINE __m512 scaled(__m512 x, __m512 r, __m512 inv_t) {
+  const __m512 d = _mm512_sub_ps(x, r);
+  return SCALED ? _mm512_mul_ps(d, inv_t) : d;
+}
+
+// -- pass-1 sums over raw x (n a multiple of 16): sum e^((x - rx) / T) -------------
+template <bool SCALED>
+DK_AVX512_INLINE float sum_exp_impl(const float* x, int64_t n, float rx, float inv_t) {
+  const __m512 vrx = _mm512_set1_ps(rx), vit = _mm512_set1_ps(inv_t);
   __m512 z = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) z = _mm512_add_ps(z, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vrx)));
+  for (int64_t i = 0; i < n; i += 16) {
+    z = _mm512_add_ps(z, exp16(scaled<SCALED>(_mm512_loadu_ps(x + i), vrx, vit)));
+  }
   return _mm512_reduce_add_ps(z);
 }
 
-DK_AVX512 inline void sum_exp2(const float* x, const float* y, int64_t n, float rx, float ry, float* out) {
-  const __m512 vrx = _mm512_set1_ps(rx), vry = _mm512_set1_ps(ry);
+template <bool SCALED>
+DK_AVX512_INLINE void sum_exp2_impl(const float* x, const float* y, int64_t n, float rx, float ry, float inv_t,
+                                    float* out) {
+  const __m512 vrx = _mm512_set1_ps(rx), vry = _mm512_set1_ps(ry), vit = _mm512_set1_ps(inv_t);
   __m512 zx = _mm512_setzero_ps(), zy = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    zx = _mm512_add_ps(zx, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vrx)));
-    zy = _mm512_add_ps(zy, exp16(_mm512_sub_ps(_mm512_loadu_ps(y + i), vry)));
+    zx = _mm512_add_ps(zx, exp16(scaled<SCALED>(_mm512_loadu_ps(x + i), vrx, vit)));
+    zy = _mm512_add_ps(zy, exp16(scaled<SCALED>(_mm512_loadu_ps(y + i), vry, vit)));
   }
   out[0] = _mm512_reduce_add_ps(zx);
   out[1] = _mm512_reduce_add_ps(zy);
 }
 
-// z_x = sum e, w = sum e (x - y) over lanes with e = e^(x - rx) > 0, z_y = sum e^(y - ry).
-DK_AVX512 inline void kl_sums(const float* x, const float* y, int64_t n, float rx, float ry, float* out) {
-  const __m512 vrx = _mm512_set1_ps(rx), vry = _mm512_set1_ps(ry);
+// z_x = sum e, w = sum e ((x - rx) - (y - ref)) (raw units) over lanes with e = e^((x - rx) / T) > 0,
+// z_y = sum e^((y - ry) / T).
+template <bool SCALED>
+DK_AVX512_INLINE void kl_sums_impl(const float* x, const float* y, int64_t n, float rx, float ry, float ref,
+                                   float inv_t, float* out) {
+  const __m512 vrx = _mm512_set1_ps(rx), vry = _mm512_set1_ps(ry), vref = _mm512_set1_ps(ref);
+  const __m512 vit = _mm512_set1_ps(inv_t);
   __m512 zx = _mm512_setzero_ps(), w = zx, zy = zx;
   for (int64_t i = 0; i < n; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i), yv = _mm512_loadu_ps(y + i);
+    const __m512 yv = _mm512_loadu_ps(y + i);
+    const __m512 dx = _mm512_sub_ps(_mm512_loadu_ps(x + i), vrx);
     __mmask16 live;  // e > 0 (or NaN): x = -inf adds 0 to w, not 0 * inf
-    const __m512 e = exp16(_mm512_sub_ps(xv, vrx), live);
+    const __m512 e = exp16(SCALED ? _mm512_mul_ps(dx, vit) : dx, live);
     zx = _mm512_add_ps(zx, e);
-    w = _mm512_mask3_fmadd_ps(e, _mm512_sub_ps(xv, yv), w, live);
-    zy = _mm512_add_ps(zy, exp16(_mm512_sub_ps(yv, vry)));
+    w = _mm512_mask3_fmadd_ps(e, _mm512_sub_ps(dx, _mm512_sub_ps(yv, vref)), w, live);
+    zy = _mm512_add_ps(zy, exp16(scaled<SCALED>(yv, vry, vit)));
   }
   out[0] = _mm512_reduce_add_ps(zx);
   out[1] = _mm512_reduce_add_ps(w);
   out[2] = _mm512_reduce_add_ps(zy);
 }
 
-// -- backward of forward / reverse KL: out[0, n) = coef (h - q c) + ce_coef q -----
-// (a, b padded to a multiple of 16; out is written for n lanes only.)
-template <bool REVERSE>
-DK_AVX512_INLINE void grad_kl(const float* a, const float* b, int64_t n, float lse_a, float lse_b, float c,
-                              float coef, float ce_coef, float* out) {
-  const __m512 la = _mm512_set1_ps(lse_a), lb = _mm512_set1_ps(lse_b), vc = _mm512_set1_ps(c);
+DK_AVX512 inline float sum_exp(const float* x, int64_t n, float rx, float inv_t) {
+  if (inv_t == 1.0f) return sum_exp_impl<false>(x, n, rx, inv_t);
+  return sum_exp_impl<true>(x, n, rx, inv_t);
+}
+
+DK_AVX512 inline void sum_exp2(const float* x, const float* y, int64_t n, float rx, float ry, float inv_t,
+                               float* out) {
+  if (inv_t == 1.0f) return sum_exp2_impl<false>(x, y, n, rx, ry, inv_t, out);
+  sum_exp2_impl<true>(x, y, n, rx, ry, inv_t, out);
+}
+
+DK_AVX512 inline void kl_sums(const float* x, const float* y, int64_t n, float rx, float ry, float ref, float inv_t,
+                              float* out) {
+  if (inv_t == 1.0f) return kl_sums_impl<false>(x, y, n, rx, ry, ref, inv_t, out);
+  kl_sums_impl<true>(x, y, n, rx, ry, ref, inv_t, out);
+}
+
+// -- backward of forward KL: out[0, n) = flush(coef (q - p) + ce_coef q) ----------------------
+// (a = t - m_t, b = s - m_s, padded to a multiple of 16; out is written for n lanes only.)
+DK_AVX512 inline void grad_forward_kl(const float* a, const float* b, int64_t n, float ls_a, float ls_b, float inv_t,
+                                      float coef, float ce_coef, float thr, float* out) {
+  const __m512 vla = _mm512_set1_ps(ls_a), vlb = _mm512_set1_ps(ls_b), vit = _mm512_set1_ps(inv_t);
   const __m512 vcoef = _mm512_set1_ps(coef), vce = _mm512_set1_ps(ce_coef);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 lp = _mm512_sub_ps(_mm512_loadu_ps(a + i), la), lq = _mm512_sub_ps(_mm512_loadu_ps(b + i), lb);
-    __mmask16 live;  // q > 0 (or NaN)
-    const __m512 q = exp16(lq, live);
-    __m512 g;
-    if constexpr (REVERSE) {  // h = d = q (log q - log p) where q > 0; c = D
-      const __m512 d = _mm512_maskz_mul_ps(live, q, _mm512_sub_ps(lq, lp));
-      g = _mm512_fnmadd_ps(q, vc, d);
-    } else {  // h - q c = q - p
-      g = _mm512_sub_ps(q, exp16(lp));
+  by_flush(thr, [&]<bool FLUSH>() DK_AVX512 {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 q = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(b + i), vit, vlb));
+      const __m512 p = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(a + i), vit, vla));
+      const __m512 g = _mm512_fmadd_ps(vcoef, _mm512_sub_ps(q, p), _mm512_mul_ps(vce, q));
+      _mm512_mask_storeu_ps(out + i, tail_mask(n - i), flush16<FLUSH>(g));
     }
-    g = _mm512_fmadd_ps(vcoef, g, _mm512_mul_ps(vce, q));
-    _mm512_mask_storeu_ps(out + i, tail_mask(n - i), g);
-  }
+  });
 }
 
-DK_AVX512 inline void grad_forward_kl(const float* a, const float* b, int64_t n, float lse_a, float lse_b, float c,
-                                      float coef, float ce_coef, float* out) {
-  grad_kl<false>(a, b, n, lse_a, lse_b, c, coef, ce_coef, out);
+// -- backward of reverse KL: out[0, n) = flush(coef q (rel - c) + ce_coef q) -----------------
+// (a = t - ref, b = s - m_s, rel = (b - a) / T: distill_math.h, div_grad.)
+DK_AVX512 inline void grad_reverse_kl(const float* a, const float* b, int64_t n, float ls_b, float c, float inv_t,
+                                      float coef, float ce_coef, float thr, float* out) {
+  const __m512 vlb = _mm512_set1_ps(ls_b), vc = _mm512_set1_ps(c), vit = _mm512_set1_ps(inv_t);
+  const __m512 vcoef = _mm512_set1_ps(coef), vce = _mm512_set1_ps(ce_coef);
+  by_flush(thr, [&]<bool FLUSH>() DK_AVX512 {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512 bv = _mm512_loadu_ps(b + i);
+      __mmask16 live;  // q > 0 (or NaN)
+      const __m512 q = exp16(_mm512_fmsub_ps(bv, vit, vlb), live);
+      const __m512 rel = _mm512_mul_ps(_mm512_sub_ps(bv, _mm512_loadu_ps(a + i)), vit);
+      const __m512 h = _mm512_maskz_mul_ps(live, q, _mm512_sub_ps(rel, vc));  // 0 where q = 0
+      const __m512 g = _mm512_fmadd_ps(vcoef, h, _mm512_mul_ps(vce, q));
+      _mm512_mask_storeu_ps(out + i, tail_mask(n - i), flush16<FLUSH>(g));
+    }
+  });
 }
 
-DK_AVX512 inline void grad_reverse_kl(const float* a, const float* b, int64_t n, float lse_a, float lse_b, float c,
-                                      float coef, float ce_coef, float* out) {
-  grad_kl<true>(a, b, n, lse_a, lse_b, c, coef, ce_coef, out);
-}
-
-// out = gc e^(s - lse_s), or out += it (s padded; out written for n lanes only).
-DK_AVX512 inline void grad_ce(const float* s, int64_t n, float lse_s, float gc, bool accumulate, float* out) {
-  const __m512 ls = _mm512_set1_ps(lse_s), vgc = _mm512_set1_ps(gc);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask(n - i);
-    __m512 g = _mm512_mul_ps(vgc, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), ls)));
-    if (accumulate) g = _mm512_add_ps(g, _mm512_maskz_loadu_ps(m, out + i));
-    _mm512_mask_storeu_ps(out + i, m, g);
-  }
+// out = gc e^(x - ls_1) over x = s - m_1, or out += it, then flushed below thr (x padded; out
+// written for n lanes only).
+DK_AVX512 inline void grad_ce(const float* x, int64_t n, float ls1, float gc, bool accumulate, float thr,
+                              float* out) {
+  const __m512 vl = _mm512_set1_ps(ls1), vgc = _mm512_set1_ps(gc);
+  by_flush(thr, [&]<bool FLUSH>() DK_AVX512 {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = tail_mask(n - i);
+      __m512 g = _mm512_mul_ps(vgc, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), vl)));
+      if (accumulate) g = _mm512_add_ps(g, _mm512_maskz_loadu_ps(m, out + i));
+      _mm512_mask_storeu_ps(out + i, m, flush16<FLUSH>(g));
+    }
+  });
 }
 
 }  // namespace distillkit::cpu::avx512

@@ -8,8 +8,10 @@
 // (distill_cpu_avx512.h); the dispatch at the end of this file picks those at
 // run time where the CPU has AVX-512, and the portable ones otherwise.
 //
-// Buffers hold kChunk floats, padded with -inf to a multiple of kLanes: padding
-// lanes contribute exactly 0 to every sum (e^-inf = 0, p = q = 0 terms are 0).
+// Buffers hold kChunk logits minus a shift (0 in pass 1; the row's raw max m once it is
+// known), padded with -inf to a multiple of kLanes: padding lanes contribute exactly 0 to
+// every sum (e^-inf = 0, p = q = 0 terms are 0). The loops multiply by 1/T after that
+// subtraction, never before (distill_math.h says why).
 // Defines (not only declares) the clone functions: include it from one file only.
 #pragma once
 
@@ -69,7 +71,8 @@ DK_INLINE uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays
   return static_cast<uint16_t>(f != f ? 0x7FC0u : r);
 }
 
-// -- chunk loads: dst[i] = src[i] * scale, -inf padding; returns the chunk max --
+// -- chunk loads: dst[i] = src[i] - shift in fp32, -inf padding; returns the chunk max --
+// (the max skips NaN; the exp sums carry it, see div_bad)
 DK_INLINE void pad_tail(float* dst, int64_t n) {
   for (int64_t i = n; i < padded(n); ++i) dst[i] = kNegInf;
 }
@@ -86,12 +89,12 @@ DK_INLINE void prefetch_next(const void* next, int64_t bytes) {
 }
 
 #define DK_LOADER(NAME, SRC_T, CONVERT)                                                \
-  DK_CLONES float NAME(const SRC_T* __restrict src, int64_t n, float scale,           \
+  DK_CLONES float NAME(const SRC_T* __restrict src, int64_t n, float shift,           \
                        float* __restrict dst) {                                       \
     prefetch_next(src + n, n * static_cast<int64_t>(sizeof(SRC_T)));                 \
     float mx = kNegInf;                                                               \
     _Pragma("omp simd reduction(max : mx)") for (int64_t i = 0; i < n; ++i) {         \
-      const float v = CONVERT(src[i]) * scale;                                        \
+      const float v = CONVERT(src[i]) - shift;                                        \
       dst[i] = v;                                                                     \
       mx = v > mx ? v : mx;                                                           \
     }                                                                                 \
@@ -118,13 +121,13 @@ DK_CLONES void store_f16(const float* __restrict src, int64_t n, uint16_t* __res
 }
 
 template <typename T>
-DK_INLINE float load_chunk(const T* src, int64_t n, float scale, float* dst) {
+DK_INLINE float load_chunk(const T* src, int64_t n, float shift, float* dst) {
   if constexpr (std::is_same_v<T, float>) {
-    return load_f32(src, n, scale, dst);
+    return load_f32(src, n, shift, dst);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return load_bf16(reinterpret_cast<const uint16_t*>(src), n, scale, dst);
+    return load_bf16(reinterpret_cast<const uint16_t*>(src), n, shift, dst);
   } else {
-    return load_f16(reinterpret_cast<const uint16_t*>(src), n, scale, dst);
+    return load_f16(reinterpret_cast<const uint16_t*>(src), n, shift, dst);
   }
 }
 
@@ -139,69 +142,112 @@ DK_INLINE void store_chunk(const float* src, int64_t n, T* dst) {
   }
 }
 
+// The stats of one row the loops need: log-sums ls (log p = (t - m_t) / T - ls_a, log q =
+// (s - m_s) / T - ls_b, the maxima already subtracted by the loads), c, and 1/T.
+struct RowStats {
+  float ls_a, ls_b, c, inv_t;
+};
+
+// x / T; the pass-1 loops are compiled twice and skip the multiply at T = 1 (the same float).
+template <bool SCALED>
+DK_INLINE float over_t(float x, float inv_t) {
+  return SCALED ? x * inv_t : x;
+}
+
 // -- portable versions of the exp-bound loops (the AVX-512 ones are in distill_cpu_avx512.h) --
 namespace portable {
 
-// pass-1 sums (n is a multiple of kLanes; padding lanes are -inf -> 0)
-DK_CLONES float sum_exp(const float* __restrict x, int64_t n, float rx) {
+// pass-1 sums over raw x (n is a multiple of kLanes; padding lanes are -inf -> 0):
+// sum e^((x - rx) / T)
+template <bool SCALED>
+DK_INLINE float sum_exp_impl(const float* __restrict x, int64_t n, float rx, float inv_t) {
   float z = 0.0f;
 #pragma omp simd reduction(+ : z)
-  for (int64_t i = 0; i < n; ++i) z += fexp(x[i] - rx);
+  for (int64_t i = 0; i < n; ++i) z += fexp(over_t<SCALED>(x[i] - rx, inv_t));
   return z;
 }
 
-DK_CLONES void sum_exp2(const float* __restrict x, const float* __restrict y, int64_t n, float rx, float ry,
-                        float* out) {
+template <bool SCALED>
+DK_INLINE void sum_exp2_impl(const float* __restrict x, const float* __restrict y, int64_t n, float rx, float ry,
+                             float inv_t, float* out) {
   float zx = 0.0f, zy = 0.0f;
 #pragma omp simd reduction(+ : zx, zy)
   for (int64_t i = 0; i < n; ++i) {
-    zx += fexp(x[i] - rx);
-    zy += fexp(y[i] - ry);
+    zx += fexp(over_t<SCALED>(x[i] - rx, inv_t));
+    zy += fexp(over_t<SCALED>(y[i] - ry, inv_t));
   }
   out[0] = zx;
   out[1] = zy;
 }
 
-// z_x = sum e, w = sum e (x - y) over e = e^(x - rx) > 0 (x = -inf adds 0, not
-// 0 * inf), z_y = sum e^(y - ry).
-DK_CLONES void kl_sums(const float* __restrict x, const float* __restrict y, int64_t n, float rx, float ry,
-                       float* out) {
+// z_x = sum e, w = sum e ((x - rx) - (y - ref)) (raw units) over e = e^((x - rx) / T) > 0
+// (x = -inf adds 0, not 0 * inf), z_y = sum e^((y - ry) / T). distill_math.h, kl_move.
+template <bool SCALED>
+DK_INLINE void kl_sums_impl(const float* __restrict x, const float* __restrict y, int64_t n, float rx, float ry,
+                            float ref, float inv_t, float* out) {
   float zx = 0.0f, w = 0.0f, zy = 0.0f;
 #pragma omp simd reduction(+ : zx, w, zy)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = fexp(x[i] - rx);
-    const float term = e * (x[i] - y[i]);
+    const float dx = x[i] - rx;
+    const float e = fexp(over_t<SCALED>(dx, inv_t));
+    const float term = e * (dx - (y[i] - ref));
     zx += e;
     w += e > 0.0f ? term : 0.0f;
-    zy += fexp(y[i] - ry);
+    zy += fexp(over_t<SCALED>(y[i] - ry, inv_t));
   }
   out[0] = zx;
   out[1] = w;
   out[2] = zy;
 }
 
-// out = gc * e^(s - lse_s) (accumulate: out +=)
-DK_CLONES void grad_ce(const float* __restrict s, int64_t n, float lse_s, float gc, bool accumulate,
+DK_CLONES float sum_exp(const float* x, int64_t n, float rx, float inv_t) {
+  if (inv_t == 1.0f) return sum_exp_impl<false>(x, n, rx, inv_t);
+  return sum_exp_impl<true>(x, n, rx, inv_t);
+}
+DK_CLONES void sum_exp2(const float* x, const float* y, int64_t n, float rx, float ry, float inv_t, float* out) {
+  if (inv_t == 1.0f) return sum_exp2_impl<false>(x, y, n, rx, ry, inv_t, out);
+  sum_exp2_impl<true>(x, y, n, rx, ry, inv_t, out);
+}
+DK_CLONES void kl_sums(const float* x, const float* y, int64_t n, float rx, float ry, float ref, float inv_t,
+                       float* out) {
+  if (inv_t == 1.0f) return kl_sums_impl<false>(x, y, n, rx, ry, ref, inv_t, out);
+  kl_sums_impl<true>(x, y, n, rx, ry, ref, inv_t, out);
+}
+
+// out = gc * softmax(s) = gc * e^(x - ls_1) over x = s - m_1 (accumulate: out +=), then flushed below thr.
+DK_CLONES void grad_ce(const float* __restrict x, int64_t n, float ls1, float gc, bool accumulate, float thr,
                        float* __restrict out) {
   if (accumulate) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] += gc * fexp(s[i] - lse_s);
+    for (int64_t i = 0; i < n; ++i) out[i] = flush(out[i] + gc * fexp(x[i] - ls1), thr);
   } else {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = gc * fexp(s[i] - lse_s);
+    for (int64_t i = 0; i < n; ++i) out[i] = flush(gc * fexp(x[i] - ls1), thr);
   }
 }
 
 }  // namespace portable
 
-// -- pass 2 of the mixtures: out += (sum d_j, sum h_j) ---------------------------
+// max of y over {i : x_i == x_max}: y at the chunk's argmax of x (the one-pass KLs' ref). Only
+// called when the chunk moves the running max, so no AVX-512 version.
+DK_CLONES float y_at_max(const float* __restrict x, const float* __restrict y, int64_t n, float x_max) {
+  float r = kNegInf;
+#pragma omp simd reduction(max : r)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] == x_max ? y[i] : kNegInf;
+    r = v > r ? v : r;
+  }
+  return r;
+}
+
+// -- pass 2 of the mixtures: out += (sum d_j, sum h_j); a = t - m_a, b = s - m_b -----
 template <int DIV>
-DK_INLINE void mix_sums_impl(const float* __restrict a, const float* __restrict b, int64_t n, float lse_a,
-                             float lse_b, MixParams mp, double* out) {
+DK_INLINE void mix_sums_impl(const float* __restrict a, const float* __restrict b, int64_t n, RowStats rs,
+                             MixParams mp, double* out) {
   float dsum = 0.0f, csum = 0.0f;
 #pragma omp simd reduction(+ : dsum, csum)
   for (int64_t i = 0; i < n; ++i) {
-    const float lp = a[i] - lse_a, lq = b[i] - lse_b;
+    const float lp = a[i] * rs.inv_t - rs.ls_a, lq = b[i] * rs.inv_t - rs.ls_b;
     float d, h;
     div_terms<DIV>(lp, lq, fexp(lp), fexp(lq), mp, d, h);
     dsum += d;
@@ -211,28 +257,29 @@ DK_INLINE void mix_sums_impl(const float* __restrict a, const float* __restrict 
   out[1] += csum;
 }
 
-// -- backward: out = coef (h - q c) + ce_coef q (softmax(s) = q when T == 1) ------
+// -- backward: out = coef (h - q c) + ce_coef q (softmax(s) = q when T == 1), flushed below thr --
+// b = s - m_s, a = t - m_t (t - ref for reverse KL, whose rel = (b - a) / T: div_grad).
 template <int DIV>
-DK_INLINE void grad_div_impl(const float* __restrict a, const float* __restrict b, int64_t n, float lse_a,
-                             float lse_b, float c, float coef, float ce_coef, MixParams mp,
-                             float* __restrict out) {
+DK_INLINE void grad_div_impl(const float* __restrict a, const float* __restrict b, int64_t n, RowStats rs,
+                             float coef, float ce_coef, float thr, MixParams mp, float* __restrict out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float lp = a[i] - lse_a, lq = b[i] - lse_b;
+    const float lp = a[i] * rs.inv_t - rs.ls_a, lq = b[i] * rs.inv_t - rs.ls_b;  // lp: dead for reverse KL
     const float p = fexp(lp), q = fexp(lq);
-    out[i] = coef * div_grad<DIV>(lp, lq, p, q, c, mp) + ce_coef * q;
+    const float rel = (b[i] - a[i]) * rs.inv_t;  // reverse KL only
+    out[i] = flush(coef * div_grad<DIV>(lp, lq, p, q, rel, rs.c, mp) + ce_coef * q, thr);
   }
 }
 
-#define DK_MIX(D)                                                                                          \
-  DK_CLONES void mix_sums_##D(const float* a, const float* b, int64_t n, float la, float lb, MixParams mp, \
-                              double* out) {                                                               \
-    mix_sums_impl<D>(a, b, n, la, lb, mp, out);                                                           \
+#define DK_MIX(D)                                                                                      \
+  DK_CLONES void mix_sums_##D(const float* a, const float* b, int64_t n, RowStats rs, MixParams mp,    \
+                              double* out) {                                                           \
+    mix_sums_impl<D>(a, b, n, rs, mp, out);                                                            \
   }
-#define DK_GRAD(D)                                                                                           \
-  DK_CLONES void grad_div_##D(const float* a, const float* b, int64_t n, float la, float lb, float c,       \
-                              float coef, float ce_coef, MixParams mp, float* out) {                        \
-    grad_div_impl<D>(a, b, n, la, lb, c, coef, ce_coef, mp, out);                                           \
+#define DK_GRAD(D)                                                                                     \
+  DK_CLONES void grad_div_##D(const float* a, const float* b, int64_t n, RowStats rs, float coef,      \
+                              float ce_coef, float thr, MixParams mp, float* out) {                    \
+    grad_div_impl<D>(a, b, n, rs, coef, ce_coef, thr, mp, out);                                        \
   }
 DK_MIX(3) DK_MIX(4) DK_MIX(5) DK_MIX(6)
 DK_GRAD(1) DK_GRAD(2) DK_GRAD(3) DK_GRAD(4) DK_GRAD(5) DK_GRAD(6)
@@ -269,30 +316,34 @@ inline bool use_avx512() {
 #define DK_PICK(NAME, ...) return portable::NAME(__VA_ARGS__)
 #endif
 
-DK_INLINE float sum_exp(const float* x, int64_t n, float rx) { DK_PICK(sum_exp, x, n, rx); }
-DK_INLINE void sum_exp2(const float* x, const float* y, int64_t n, float rx, float ry, float* out) {
-  DK_PICK(sum_exp2, x, y, n, rx, ry, out);
+DK_INLINE float sum_exp(const float* x, int64_t n, float rx, float inv_t) { DK_PICK(sum_exp, x, n, rx, inv_t); }
+DK_INLINE void sum_exp2(const float* x, const float* y, int64_t n, float rx, float ry, float inv_t, float* out) {
+  DK_PICK(sum_exp2, x, y, n, rx, ry, inv_t, out);
 }
-DK_INLINE void kl_sums(const float* x, const float* y, int64_t n, float rx, float ry, float* out) {
-  DK_PICK(kl_sums, x, y, n, rx, ry, out);
+DK_INLINE void kl_sums(const float* x, const float* y, int64_t n, float rx, float ry, float ref, float inv_t,
+                       float* out) {
+  DK_PICK(kl_sums, x, y, n, rx, ry, ref, inv_t, out);
 }
-DK_INLINE void grad_ce(const float* s, int64_t n, float lse_s, float gc, bool accumulate, float* out) {
-  DK_PICK(grad_ce, s, n, lse_s, gc, accumulate, out);
+DK_INLINE void grad_ce(const float* x, int64_t n, float ls1, float gc, bool accumulate, float thr, float* out) {
+  DK_PICK(grad_ce, x, n, ls1, gc, accumulate, thr, out);
 }
 #undef DK_PICK
 
 // The KL gradients: AVX-512 where picked, else the portable grad_div_1 / grad_div_2 (mp unused by both).
 template <int DIV>
-DK_INLINE void grad_kl(const float* a, const float* b, int64_t n, float la, float lb, float c, float coef,
-                       float ce_coef, MixParams mp, float* out) {
+DK_INLINE void grad_kl(const float* a, const float* b, int64_t n, RowStats rs, float coef, float ce_coef, float thr,
+                       MixParams mp, float* out) {
 #if defined(DK_HAVE_AVX512_LOOPS)
   if (use_avx512()) {
-    if constexpr (DIV == kForwardKL) return avx512::grad_forward_kl(a, b, n, la, lb, c, coef, ce_coef, out);
-    else return avx512::grad_reverse_kl(a, b, n, la, lb, c, coef, ce_coef, out);
+    if constexpr (DIV == kForwardKL) {
+      return avx512::grad_forward_kl(a, b, n, rs.ls_a, rs.ls_b, rs.inv_t, coef, ce_coef, thr, out);
+    } else {
+      return avx512::grad_reverse_kl(a, b, n, rs.ls_b, rs.c, rs.inv_t, coef, ce_coef, thr, out);
+    }
   }
 #endif
-  if constexpr (DIV == kForwardKL) grad_div_1(a, b, n, la, lb, c, coef, ce_coef, mp, out);
-  else grad_div_2(a, b, n, la, lb, c, coef, ce_coef, mp, out);
+  if constexpr (DIV == kForwardKL) grad_div_1(a, b, n, rs, coef, ce_coef, thr, mp, out);
+  else grad_div_2(a, b, n, rs, coef, ce_coef, thr, mp, out);
 }
 
 template <int DIV, typename... Args>

@@ -45,59 +45,71 @@ struct FwdParams : RowInputs {
   float* stats;
 };
 
-// Pass-1 state of one thread, merged over the block by finish_pass1.
+// Pass-1 state of one thread, merged over the block by finish_pass1: raw maxima m and
+// z = sum e^((x - m) / T) (T = 1 for the CE's m_s, z_s); (w, ref) of the one-pass KLs.
 struct Pass1 {
-  float m_a = kNegInf, z_a = 0.0f, m_b = kNegInf, z_b = 0.0f, w = 0.0f, m_s = kNegInf, z_s = 0.0f;
+  float m_a = kNegInf, z_a = 0.0f, m_b = kNegInf, z_b = 0.0f, w = 0.0f, ref = 0.0f, m_s = kNegInf, z_s = 0.0f;
 };
 
 template <int DIV>
 __device__ __forceinline__ void pass1_group(Pass1& st, const float (&sv)[kVec], const float (&tv)[kVec],
                                             float inv_t, bool ce_own) {
-  if constexpr (DIV != kNone) {
-    float a[kVec], b[kVec];
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      a[i] = tv[i] * inv_t;
-      b[i] = sv[i] * inv_t;
-    }
-    if constexpr (DIV == kForwardKL) {  // the teacher weights the log-ratio
-      kl_group(a, b, st.m_a, st.z_a, st.w);
-      lse_group(b, st.m_b, st.z_b);
-    } else if constexpr (DIV == kReverseKL) {  // the student does
-      kl_group(b, a, st.m_b, st.z_b, st.w);
-      lse_group(a, st.m_a, st.z_a);
-    } else {
-      lse_group(a, st.m_a, st.z_a);
-      lse_group(b, st.m_b, st.z_b);
-    }
+  if constexpr (DIV == kForwardKL) {  // the teacher weights the log-ratio
+    kl_group(tv, sv, inv_t, st.m_a, st.z_a, st.w, st.ref);
+    lse_group(sv, inv_t, st.m_b, st.z_b);
+  } else if constexpr (DIV == kReverseKL) {  // the student does
+    kl_group(sv, tv, inv_t, st.m_b, st.z_b, st.w, st.ref);
+    lse_group(tv, inv_t, st.m_a, st.z_a);
+  } else if constexpr (DIV != kNone) {
+    lse_group(tv, inv_t, st.m_a, st.z_a);
+    lse_group(sv, inv_t, st.m_b, st.z_b);
   }
-  if (ce_own) lse_group(sv, st.m_s, st.z_s);
+  if (ce_own) lse_group(sv, 1.0f, st.m_s, st.z_s);
 }
 
-// Block merge: (lse_a, lse_b, lse_s) and, for ids 1-2, D. Every thread gets them.
+// A row's results: stats slots (raw maxima, log-sums, ref), D and c.
+struct RowOut {
+  float m_a, ls_a, m_b, ls_b, m_1, ls_1, ref, d, c;
+};
+
+// Block merge of pass 1: the maxima and log-sums and, for ids 1-2, D and c. Every thread gets them.
+// The one-pass KL states merge into the ref of a thread holding the max (the largest such ref).
 template <int DIV>
-__device__ __forceinline__ void finish_pass1(Pass1 st, float* smem, float& lse_a, float& lse_b, float& lse_s,
-                                             float& d) {
+__device__ __forceinline__ RowOut finish_pass1(Pass1 st, float* smem, float inv_t) {
   float mx[3] = {st.m_a, st.m_b, st.m_s};
   block_allreduce(mx, smem, MaxOp{});
-  const float sa = fexp(st.m_a - safe_ref(mx[0])), sb = fexp(st.m_b - safe_ref(mx[1]));
-  float sums[4] = {st.z_a * sa, st.z_b * sb, rescale(st.w, DIV == kReverseKL ? sb : sa),
-                   st.z_s * fexp(st.m_s - safe_ref(mx[2]))};
+  float ref = 0.0f;
+  if constexpr (is_online(DIV)) {
+    constexpr bool fwd = DIV == kForwardKL;
+    float& m_x = fwd ? st.m_a : st.m_b;
+    float& z_x = fwd ? st.z_a : st.z_b;
+    const float m_max = fwd ? mx[0] : mx[1];
+    float r[1] = {m_x == m_max ? st.ref : kNegInf};
+    block_allreduce(r, smem, MaxOp{});
+    ref = r[0];
+    kl_move(m_x, z_x, st.w, st.ref, m_max, ref, inv_t);  // m_x = m_max now: its scale below is 1
+  }
+  const float sa = shift_scale(st.m_a, safe_ref(mx[0]), inv_t), sb = shift_scale(st.m_b, safe_ref(mx[1]), inv_t);
+  float sums[4] = {st.z_a * sa, st.z_b * sb, st.w, st.z_s * shift_scale(st.m_s, safe_ref(mx[2]), 1.0f)};
   block_allreduce(sums, smem, SumOp{});
-  lse_a = finish_lse(mx[0], sums[0]);
-  lse_b = finish_lse(mx[1], sums[1]);
-  lse_s = finish_lse(mx[2], sums[3]);
-  if constexpr (DIV == kForwardKL) d = finish_kl(sums[2], sums[0], lse_a, lse_b);
-  else if constexpr (DIV == kReverseKL) d = finish_kl(sums[2], sums[1], lse_b, lse_a);
+  RowOut r{mx[0], finish_ls(sums[0]), mx[1], finish_ls(sums[1]), mx[2], finish_ls(sums[3]), ref, 0.0f, 0.0f};
+  if constexpr (DIV == kForwardKL) {
+    r.d = forward_kl_div(sums[2], sums[0], r.m_b, ref, r.ls_a, r.ls_b, inv_t);
+    r.c = -1.0f;
+  } else if constexpr (DIV == kReverseKL) {
+    r.c = reverse_kl_c(sums[2], sums[1], inv_t);
+    r.d = reverse_kl_div(r.c, r.m_a, ref, r.ls_a, r.ls_b, inv_t);
+  }
+  return r;
 }
 
 // Pass-2 terms of one group of the mixtures: acc += (sum d_j, sum h_j).
 template <int DIV>
 __device__ __forceinline__ void pass2_group(const float (&sv)[kVec], const float (&tv)[kVec], float inv_t,
-                                            float lse_a, float lse_b, const MixParams& mp, float (&acc)[2]) {
+                                            const RowOut& r, const MixParams& mp, float (&acc)[2]) {
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const float lp = tv[i] * inv_t - lse_a, lq = sv[i] * inv_t - lse_b;
+    const float lp = (tv[i] - r.m_a) * inv_t - r.ls_a, lq = (sv[i] - r.m_b) * inv_t - r.ls_b;
     float d, h;
     div_terms<DIV>(lp, lq, fexp(lp), fexp(lq), mp, d, h);
     acc[0] += d;
@@ -105,22 +117,42 @@ __device__ __forceinline__ void pass2_group(const float (&sv)[kVec], const float
   }
 }
 
+// The stats row is [m_t, ls_a, m_s, ls_b, c, m_1, ls_1, ref], written in two parts by thread 0.
+// CE part: ce and slots 5-6, right after pass 1, so that (m_1, ls_1) are not live across pass 2
+// (its division's slow-path call would spill them). ls_1 is NaN when the student row has no
+// finite softmax (NaN, +inf, nothing finite).
 template <typename TS>
-__device__ __forceinline__ void write_row(const FwdParams& p, int64_t row, const TS* s, float d, float c,
-                                          float lse_a, float lse_b, float lse_s) {
+__device__ __forceinline__ void write_ce(const FwdParams& p, int64_t row, const TS* s, float m_1, float ls_1) {
   float ce = 0.0f;
   if (p.with_ce) {
+    if (!(finite(m_1) && finite(ls_1))) ls_1 = kNaN;
     const int64_t y = p.labels[row * p.y_stride];
-    if (label_valid(y, p.vocab, p.ignore_index)) ce = lse_s - to_float(s[y]);
+    if (label_valid(y, p.vocab, p.ignore_index)) ce = (m_1 - to_float(s[y])) + ls_1;
   } else {
-    lse_s = 0.0f;
+    m_1 = ls_1 = 0.0f;
   }
-  p.div[row] = d;
   p.ce[row] = ce;
-  reinterpret_cast<float4*>(p.stats)[row] = make_float4(lse_a, lse_b, c, lse_s);
+  float* st = p.stats + 8 * row;
+  st[5] = m_1;
+  st[6] = ls_1;
 }
 
-// Forward, streaming: any V. D = w / z_x - lse(x) + lse(y) for the KLs (one pass),
+// Divergence part: D and slots 0-4 and 7, after the explicit non-finite check (div_bad).
+template <int DIV>
+__device__ __forceinline__ void write_div(const FwdParams& p, int64_t row, RowOut r) {
+  if constexpr (DIV == kNone) {
+    r.m_a = r.ls_a = r.m_b = r.ls_b = r.d = r.c = 0.0f;
+  } else if (div_bad(r.m_a, r.ls_a, r.m_b, r.ls_b)) {
+    r.d = r.c = r.ls_a = r.ls_b = kNaN;
+  }
+  p.div[row] = r.d;
+  float* st = p.stats + 8 * row;
+  reinterpret_cast<float4*>(st)[0] = make_float4(r.m_a, r.ls_a, r.m_b, r.ls_b);
+  st[4] = r.c;
+  st[7] = is_online(DIV) ? r.ref : 0.0f;
+}
+
+// Forward, streaming: any V. D and c of the KLs from one pass (kl_move),
 // D = sum d_j and c = sum h_j in a second pass for the mixtures.
 template <int DIV, typename TS, typename TT>
 __global__ void __launch_bounds__(kMaxThreads) forward_stream_kernel(const FwdParams p) {
@@ -131,7 +163,7 @@ __global__ void __launch_bounds__(kMaxThreads) forward_stream_kernel(const FwdPa
   const int shift = shift_of(s);
   const int64_t groups = (V + shift + kVec - 1) / kVec;
   const bool t_vec = DIV != kNone && group_aligned(t, shift);
-  const bool ce_own = p.with_ce && (DIV == kNone || p.inv_t != 1.0f);  // else lse(s) = lse(b)
+  const bool ce_own = p.with_ce && (DIV == kNone || p.inv_t != 1.0f);  // else (m_1, ls_1) = (m_b, ls_b)
 
   Pass1 st;
   for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
@@ -141,28 +173,22 @@ __global__ void __launch_bounds__(kMaxThreads) forward_stream_kernel(const FwdPa
     if constexpr (DIV != kNone) load_group(t, start, V, t_vec, tv);
     pass1_group<DIV>(st, sv, tv, p.inv_t, ce_own);
   }
-  float lse_a, lse_b, lse_s, d = 0.0f, c = 0.0f;
-  finish_pass1<DIV>(st, smem, lse_a, lse_b, lse_s, d);
-  if constexpr (DIV == kForwardKL) {
-    c = -1.0f;
-  } else if constexpr (DIV == kReverseKL) {
-    c = d;
-  } else if constexpr (DIV != kNone) {
+  RowOut r = finish_pass1<DIV>(st, smem, p.inv_t);
+  if (threadIdx.x == 0) write_ce(p, row, s, ce_own ? r.m_1 : r.m_b, ce_own ? r.ls_1 : r.ls_b);
+  if constexpr (DIV >= kJSD) {
     float acc[2] = {0.0f, 0.0f};
     for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
       const int64_t start = g * kVec - shift;
       float sv[kVec], tv[kVec];
       load_group(s, start, V, true, sv);
       load_group(t, start, V, t_vec, tv);
-      pass2_group<DIV>(sv, tv, p.inv_t, lse_a, lse_b, p.mp, acc);
+      pass2_group<DIV>(sv, tv, p.inv_t, r, p.mp, acc);
     }
     block_allreduce(acc, smem, SumOp{});
-    d = acc[0];
-    c = acc[1];
+    r.d = acc[0];
+    r.c = acc[1];
   }
-  if (DIV == kNone) lse_a = lse_b = 0.0f;
-  if (!ce_own) lse_s = lse_b;
-  if (threadIdx.x == 0) write_row(p, row, s, d, c, lse_a, lse_b, lse_s);
+  if (threadIdx.x == 0) write_div<DIV>(p, row, r);
 }
 
 // Forward, single pass for the mixtures: pass 1 parks the row (in its own dtype) in
@@ -192,18 +218,19 @@ __global__ void __launch_bounds__(kMaxThreads) forward_smem_kernel(const FwdPara
     store_vec8(t_sm + g * kVec, tv);
     pass1_group<DIV>(st, sv, tv, p.inv_t, ce_own);
   }
-  float lse_a, lse_b, lse_s, d = 0.0f;
-  finish_pass1<DIV>(st, smem, lse_a, lse_b, lse_s, d);  // its barriers also order the row stores
+  RowOut r = finish_pass1<DIV>(st, smem, p.inv_t);  // its barriers also order the row stores
+  if (threadIdx.x == 0) write_ce(p, row, s, ce_own ? r.m_1 : r.m_b, ce_own ? r.ls_1 : r.ls_b);
   float acc[2] = {0.0f, 0.0f};
   for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
     float sv[kVec], tv[kVec];
     load_vec8<TS, false>(s_sm + g * kVec, sv);
     load_vec8<TT, false>(t_sm + g * kVec, tv);
-    pass2_group<DIV>(sv, tv, p.inv_t, lse_a, lse_b, p.mp, acc);
+    pass2_group<DIV>(sv, tv, p.inv_t, r, p.mp, acc);
   }
   block_allreduce(acc, smem, SumOp{});
-  if (!ce_own) lse_s = lse_b;
-  if (threadIdx.x == 0) write_row(p, row, s, acc[0], acc[1], lse_a, lse_b, lse_s);
+  r.d = acc[0];
+  r.c = acc[1];
+  if (threadIdx.x == 0) write_div<DIV>(p, row, r);
 }
 
 struct BwdParams : RowInputs {
@@ -214,7 +241,8 @@ struct BwdParams : RowInputs {
   void* grad;
 };
 
-// Backward: grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)),
+// Backward: grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), every
+// entry below the output dtype's smallest normal stored as 0;
 // grid (rows, parts): block (r, k) writes the k-th range of groups of row r.
 template <int DIV, typename TS, typename TT>
 __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p) {
@@ -237,11 +265,20 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p
       store_group(gr, g * kVec - shift, V, g_vec, zeros);
     return;
   }
-  // lse(a), lse(b), c, lse(s); scalar loads: a stats view need not be 16-byte aligned
-  const float* stp = p.stats + row * 4;
-  const float4 st = make_float4(stp[0], stp[1], stp[2], stp[3]);
+  // m_t, ls_a, m_s, ls_b, c, m_1, ls_1, ref; scalar loads: a stats view need not be 16-byte aligned
+  const float* stp = p.stats + row * 8;
+  const float c = stp[4];
   // Skip, not multiply by 0: a row weighted out of the divergence may have an infinite one.
   const bool use_div = DIV != kNone && gd != 0.0f;
+  if (use_div && c != c) {  // c is NaN: the row has no divergence, and so no gradient
+    const float nans[kVec] = {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
+    for (int64_t g = g_begin + threadIdx.x; g < g_end; g += blockDim.x)
+      store_group(gr, g * kVec - shift, V, g_vec, nans);
+    return;
+  }
+  // the teacher is taken relative to ref for reverse KL (div_grad), to m_t otherwise
+  const float m_a = DIV == kReverseKL ? stp[7] : stp[0], ls_a = stp[1], m_b = stp[2], ls_b = stp[3];
+  const float m_1 = stp[5], ls_1 = stp[6];
   const bool ce_fold = use_div && p.inv_t == 1.0f;  // softmax(s) is q: one exp less
   const bool ce_own = gc != 0.0f && !ce_fold;
   const float coef = gd * p.inv_t, ce_coef = ce_fold ? gc : 0.0f;
@@ -259,19 +296,22 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p
         load_group(t, start, V, t_vec, tv);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          const float lp = tv[i] * p.inv_t - st.x, lq = sv[i] * p.inv_t - st.y;
+          const float ra = tv[i] - m_a, rb = sv[i] - m_b;
+          const float lp = ra * p.inv_t - ls_a, lq = rb * p.inv_t - ls_b;  // lp: dead for reverse KL
           const float pj = fexp(lp), qj = fexp(lq);
-          out[i] = coef * div_grad<DIV>(lp, lq, pj, qj, st.z, p.mp) + ce_coef * qj;
+          const float rel = (rb - ra) * p.inv_t;  // reverse KL only (div_grad)
+          out[i] = coef * div_grad<DIV>(lp, lq, pj, qj, rel, c, p.mp) + ce_coef * qj;
         }
       }
     }
     if (ce_own) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) out[i] += gc * fexp(sv[i] - st.w);
+      for (int i = 0; i < kVec; ++i) out[i] += gc * fexp((sv[i] - m_1) - ls_1);
     }
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       if (start + i == y) out[i] -= gc;  // unrolled compare: no dynamic register index
+      out[i] = flush(out[i], kFlushBelow);
     }
     store_group(gr, start, V, g_vec, out);
   }
@@ -305,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cuda(
   const Rows r = check_rows_forward(student, teacher, labels, divergence, mix, temperature, with_ce, at::kCUDA);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto opts = student.options().dtype(at::kFloat);
-  at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 4}, opts);
+  at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 8}, opts);
   if (r.n == 0) return {div, ce, stats};
   FwdParams p{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
   p.div = div.data_ptr<float>();

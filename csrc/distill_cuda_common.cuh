@@ -156,38 +156,41 @@ __device__ __forceinline__ void block_allreduce(float (&v)[N], float* smem, Op o
 }
 
 // -- per-thread online softmax over groups ------------------------------------------------
-// Running (m, z): the max only moves when a group exceeds it, then z is rescaled once.
-__device__ __forceinline__ void lse_group(const float (&x)[kVec], float& m, float& z) {
+// Running raw max m and z = sum e^((x - m) / T): the max only moves when a group exceeds it,
+// then z is rescaled once. fmaxf drops NaN; the sums carry it (div_bad reads it there).
+__device__ __forceinline__ void lse_group(const float (&x)[kVec], float inv_t, float& m, float& z) {
   float gm = x[0];
 #pragma unroll
   for (int i = 1; i < kVec; ++i) gm = fmaxf(gm, x[i]);
   if (gm > m) {
-    z *= fexp(m - gm);
+    z *= shift_scale(m, gm, inv_t);
     m = gm;
   }
   const float ref = safe_ref(m);
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) z += fexp(x[i] - ref);
+  for (int i = 0; i < kVec; ++i) z += fexp((x[i] - ref) * inv_t);
 }
 
-// (m, z) of x and w = sum e^(x - m)(x - y) over e > 0, rescaled alike.
-__device__ __forceinline__ void kl_group(const float (&x)[kVec], const float (&y)[kVec], float& m, float& z,
-                                         float& w) {
+// One-pass KL state (m, z, w, ref) of x against y (distill_math.h, kl_move), over a group:
+// w = sum e^((x - m) / T)((x - m) - (y - ref)) over e > 0, ref = y at x's argmax.
+__device__ __forceinline__ void kl_group(const float (&x)[kVec], const float (&y)[kVec], float inv_t, float& m,
+                                         float& z, float& w, float& ref) {
   float gm = x[0];
 #pragma unroll
   for (int i = 1; i < kVec; ++i) gm = fmaxf(gm, x[i]);
-  if (gm > m) {
-    const float sc = fexp(m - gm);
-    z *= sc;
-    w = rescale(w, sc);
-    m = gm;
+  if (gm > m) {  // the group moves the max: ref becomes y there (unless that is -inf)
+    float gr = kNegInf;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) gr = x[i] == gm ? fmaxf(gr, y[i]) : gr;
+    kl_move(m, z, w, ref, gm, gr > kNegInf ? gr : ref, inv_t);
   }
-  const float ref = safe_ref(m);
+  const float mr = safe_ref(m);
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const float e = fexp(x[i] - ref);
+    const float dx = x[i] - mr;
+    const float e = fexp(dx * inv_t);
     z += e;
-    w += e > 0.0f ? e * (x[i] - y[i]) : 0.0f;
+    w += e > 0.0f ? e * (dx - (y[i] - ref)) : 0.0f;
   }
 }
 

@@ -2,12 +2,15 @@
 // (plain C++, written so that GCC vectorizes the loops that call it) and the
 // CUDA kernels (__host__ __device__). The contract is docs/DESIGN.md:
 //
-//   a = t/T, b = s/T, p = softmax(a), q = softmax(b)
+//   x_a = (t - m_t) / T, x_b = (s - m_s) / T with m_* the raw row maxima,
+//   log p = x_a - ls_a, log q = x_b - ls_b (ls_* = log sum exp x_*)
 //   D(p, q) per divergence id; h_j = q_j dD/dq_j; c = sum_j h_j
-//   dD/db_k = h_k - q_k c
-//   ce = lse(s) - s[y] at temperature 1
+//   dD/db_k = h_k - q_k c (reverse KL: relative to the mode, see kl_move)
+//   ce = (m_1 - s[y]) + ls_1 at temperature 1 (m_1, ls_1 over the student)
 //
-// Everything is float32, whatever the input dtype.
+// The max is subtracted before the multiply by 1/T: exact for the entries at the
+// max (Sterbenz), and no FMA contraction can turn it into t/T - m with a rounding
+// error that the exp then amplifies. Everything is float32, whatever the input dtype.
 #pragma once
 
 #include <cstdint>
@@ -141,37 +144,99 @@ DK_HD float flog_row(float v) {
 DK_HD float fmax2(float a, float b) { return a > b ? a : b; }
 
 // -- online softmax ----------------------------------------------------------
-// A running (m, z) is max m and z = sum exp(x - m). With m = -inf (nothing but
-// masked entries so far) exp(x - m) would be NaN; the reference is then 0.
+// A running (m, z) is the raw max m and z = sum exp((x - m) / T). With m = -inf
+// (nothing but masked entries so far) x - m would be NaN; the reference is then 0.
 DK_HD float safe_ref(float m) { return m == kNegInf ? 0.0f : m; }
 
 // w (a sum of e * (x - y)) can be +inf (reverse KL on a teacher zero); keep it
 // +inf when its scale underflows instead of producing inf * 0 = NaN.
 DK_HD float rescale(float w, float scale) { return w == kInf ? w : w * scale; }
 
+// exp((m - ref) / T): the factor that moves a sum from max m to the reference ref.
+DK_HD float shift_scale(float m, float ref, float inv_t) { return fexp((m - ref) * inv_t); }
+
 // Merge (m2, z2, w2) into (m, z, w): the max, and the sums rescaled to it.
-DK_HD void online_merge(float& m, float& z, float& w, float m2, float z2, float w2) {
+DK_HD void online_merge(float& m, float& z, float& w, float m2, float z2, float w2, float inv_t) {
   const float mn = fmax2(m, m2);
   const float ref = safe_ref(mn);
-  const float s1 = fexp(m - ref), s2 = fexp(m2 - ref);
+  const float s1 = shift_scale(m, ref, inv_t), s2 = shift_scale(m2, ref, inv_t);
   z = z * s1 + z2 * s2;
   w = rescale(w, s1) + rescale(w2, s2);
   m = mn;
 }
 
-DK_HD void online_merge(float& m, float& z, float m2, float z2) {
+DK_HD void online_merge(float& m, float& z, float m2, float z2, float inv_t) {
   const float mn = fmax2(m, m2);
   const float ref = safe_ref(mn);
-  z = z * fexp(m - ref) + z2 * fexp(m2 - ref);
+  z = z * shift_scale(m, ref, inv_t) + z2 * shift_scale(m2, ref, inv_t);
   m = mn;
 }
 
-// log-sum-exp from the final (m, z): -inf for a row of -inf.
-DK_HD float finish_lse(float m, float z) { return m + flog_row(z); }
+// ls = log z of the final (m, z); lse(x / T) = m / T + ls, never formed (it would round
+// away the small log-probabilities once |m / T| is large).
+DK_HD float finish_ls(float z) { return flog_row(z); }
 
-// KL(softmax x || softmax y) from one online pass: with w = sum e^(x - m) (x - y)
-// (terms with e = 0 skipped), KL = w / z - lse(x) + lse(y).
-DK_HD float finish_kl(float w, float z, float lse_x, float lse_y) { return w / z - lse_x + lse_y; }
+// -- one-pass KL(softmax(x/T) || softmax(y/T)) ---------------------------------
+// State (m, z, w, ref): m the running raw max of x, z = sum e, w = sum e ((x - m) - (y - ref))
+// over e = exp((x - m) / T) > 0, ref = y at x's argmax. Terms relative to the mode on both
+// sides: the dominant one is exactly 0, and nothing of the size of the logits cancels later
+// (terms y - x at logits of 1e4 were rounded to 1e-3). ref is the y at the argmax of the
+// block that moved the max; a -inf there keeps the old (finite) ref, and the +inf term then
+// gives the +inf divergence. Forward KL: x = t, y = s; reverse KL: x = s, y = t.
+//
+// kl_move: the state moved to max m_new and reference ref_new; the terms shift by
+// (m - m_ref) + (ref_new - ref), then z and w rescale. Returns m_ref = safe_ref(m_new), the
+// reference of the next terms. Also merges states (CUDA threads): each moved to the max.
+DK_HD float kl_move(float& m, float& z, float& w, float& ref, float m_new, float ref_new, float inv_t) {
+  const float m_ref = safe_ref(m_new);
+  const float sc = shift_scale(m, m_ref, inv_t);
+  const float shifted = z > 0.0f ? w + z * ((m - m_ref) + (ref_new - ref)) : w;
+  w = rescale(shifted, sc);
+  z *= sc;
+  m = m_new;
+  ref = ref_new;
+  return m_ref;
+}
+
+// Finish (x_a = (t - m_t) / T, x_b = (s - m_s) / T):
+//   forward KL = E_p[x_a - x_b] + ls_b - ls_a, x_a - x_b = (((t - m_t) - (s - ref)) + (m_s - ref)) / T
+DK_HD float forward_kl_div(float w, float z_a, float m_s, float ref, float ls_a, float ls_b, float inv_t) {
+  return (w / z_a + (m_s - ref)) * inv_t + (ls_b - ls_a);
+}
+
+//   reverse KL: c = E_q[(s - m_s) - (t - ref)] / T (small near the mode; the backward's
+//   q (rel - c) uses the same terms) and D = c + (m_t - ref) / T - (ls_b - ls_a)
+DK_HD float reverse_kl_c(float w, float z_b, float inv_t) { return w / z_b * inv_t; }
+
+DK_HD float reverse_kl_div(float c, float m_t, float ref, float ls_a, float ls_b, float inv_t) {
+  return c + (m_t - ref) * inv_t - (ls_b - ls_a);
+}
+
+DK_HD bool finite(float x) { return x > kNegInf && x < kInf; }  // false for NaN too
+
+// A row's divergence is undefined when the teacher or the student over the div ids holds a
+// NaN or +inf, or has no finite entry. Decided explicitly from the pass-1 statistics: the
+// maxima drop NaN (max instructions), so only the sums carry it, and an all -inf row has
+// no NaN at all.
+DK_HD bool div_bad(float m_a, float ls_a, float m_b, float ls_b) {
+  return !(finite(m_a) && finite(ls_a) && finite(m_b) && finite(ls_b));
+}
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Gradients are stored with every entry below FLT_MIN (the smallest normal fp32 and bf16)
+// flushed to 0, whatever the output dtype (compared in fp32, before any conversion; NaN
+// stays): GEMMs on x86 slow down ~10x on subnormal inputs, and a sharp teacher fills the
+// gradient with them. float16 keeps its own subnormals (2^-24..2^-14): mean-reduced
+// gradients live there, and CPU GEMMs widen fp16 to fp32, where they are normal.
+constexpr float kFlushBelow = 1.17549435e-38f;  // FLT_MIN
+DK_HD float flush(float g, float thr) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(g) < thr ? 0.0f : g;
+#else
+  return __builtin_fabsf(g) < thr ? 0.0f : g;  // one and-mask, where g < 0 ? -g : g is three ops
+#endif
+}
 
 // -- mixtures ----------------------------------------------------------------
 // m = w_p p + w_q q with (w_p, w_q) = (beta, 1-beta) for jsd, (skew, 1-skew) for
@@ -254,11 +319,15 @@ DK_HD void div_terms(float log_p, float log_q, float p, float q, const MixParams
 }
 
 // dD/db_k = h_k - q_k c. For forward KL (h = -p, c = -1) this is q - p, written
-// without the cancellation and without reading c.
+// without the cancellation and without reading c. For reverse KL, h_k = q_k rel_k with
+// rel = ((s - m_s) - (t - ref)) / T, taken by the caller, and c = E_q[rel] (kl_move): both
+// small near the mode, so q (rel - c) cancels nothing of the size of the logits.
 template <int DIV>
-DK_HD float div_grad(float log_p, float log_q, float p, float q, float c, const MixParams& mp) {
+DK_HD float div_grad(float log_p, float log_q, float p, float q, float rel, float c, const MixParams& mp) {
   if constexpr (DIV == kForwardKL) {
     return q - p;
+  } else if constexpr (DIV == kReverseKL) {
+    return q == 0.0f ? 0.0f : q * (rel - c);
   } else {
     float d, h;
     div_terms<DIV>(log_p, log_q, p, q, mp, d, h);

@@ -94,8 +94,8 @@ Rows check_rows_backward(const at::Tensor& grad_div, const at::Tensor& grad_ce, 
   TORCH_CHECK(stats.device().type() == device, "stats must be a ", device_name(device), " tensor");
   TORCH_CHECK(stats.device() == student.device(), "stats must be on the student's device");
   TORCH_CHECK(stats.scalar_type() == at::kFloat, "stats must be float32; got ", stats.scalar_type());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == r.n && stats.size(1) == 4, "stats must have shape [", r.n,
-              ", 4]; got ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == r.n && stats.size(1) == 8, "stats must have shape [", r.n,
+              ", 8]; got ", stats.sizes());
   TORCH_CHECK(stats.is_contiguous(), "stats must be contiguous");
   return r;
 }

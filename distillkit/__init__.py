@@ -1,12 +1,12 @@
 """distillkit: fused kernels for distilling large language-model agents into small ones.
 
-    loss = distillkit.distill_loss(student_logits, teacher_logits, labels,
+    loss = distillkit.distill_loss(student_logits, teacher_logits, distillkit.shift_labels(labels),
                                    divergence="forward_kl", temperature=2.0,
                                    kl_weight=0.5, ce_weight=0.5)
 """
 
 from . import reference
-from .functional import LossTerms, distill_loss, loss_terms
+from .functional import LossTerms, distill_loss, loss_terms, shift_labels
 from .fused_linear import fused_linear_distill_loss
 from .modules import DistillationLoss, SpanDistillationLoss
 from .spans import PAD_SPAN, Span
@@ -14,9 +14,9 @@ from .teacher_cache import TeacherCache, TeacherCacheError, TopKBatch, write_tea
 from .topk import distill_loss_topk
 from .vocab import truncate_to_shared_vocab
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["distill_loss", "loss_terms", "LossTerms", "DistillationLoss", "SpanDistillationLoss",
+__all__ = ["distill_loss", "loss_terms", "shift_labels", "LossTerms", "DistillationLoss", "SpanDistillationLoss",
            "fused_linear_distill_loss", "distill_loss_topk", "truncate_to_shared_vocab",
            "write_teacher_cache", "TeacherCache", "TopKBatch", "TeacherCacheError",
            "Span", "PAD_SPAN", "reference", "__version__"]

@@ -49,13 +49,21 @@ def check_logits(name: str, logits) -> None:
         raise ValueError(f"{name} must have a vocabulary dimension; got a 0-dim tensor")
 
 
+def check_number(name: str, value) -> float:
+    """`value` as a float, or a TypeError naming `name` (bools, strings and tensors are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float; got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def check_options(*, divergence: str, beta: float, skew: float, temperature: float,
                   reduction: str, backend: str) -> None:
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
-    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python float; got {type(temperature).__name__}")
+    temperature = check_number("temperature", temperature)
+    beta = check_number("beta", beta)
+    skew = check_number("skew", skew)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
     if not (0.0 < beta < 1.0):
@@ -135,13 +143,19 @@ def check_weight(name: str, weight: Weight, lead_shape: torch.Size, device: torc
 
 
 def check_normalizer(normalizer) -> None:
+    """A float or 0-dim tensor, finite and > 0. A tensor's value is checked on the device without a
+    host sync (an asynchronous assert; skipped under torch.compile, like the label range check)."""
     if normalizer is None:
         return
     if isinstance(normalizer, torch.Tensor):
         if normalizer.dim() != 0:
             raise ValueError(f"normalizer must be a float or a 0-dim tensor; got shape {tuple(normalizer.shape)}")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must be a real number; got a {normalizer.dtype} tensor")
+        if not torch.compiler.is_compiling():
+            ok = torch.isfinite(normalizer) & (normalizer > 0)
+            torch._assert_async(ok, "normalizer must be finite and > 0 (got a tensor that is not)")
         return
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-        raise TypeError(f"normalizer must be a float or a 0-dim tensor; got {type(normalizer).__name__}")
-    if not normalizer > 0:
-        raise ValueError(f"normalizer must be > 0; got {normalizer}")
+    value = check_number("normalizer", normalizer)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"normalizer must be finite and > 0; got {normalizer}")

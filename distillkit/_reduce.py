@@ -22,6 +22,26 @@ def _attached_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x * 0.0, 0.0)
 
 
+def mask_ignored_tokens(kl_weight: Weight, valid_label: Optional[torch.Tensor],
+                        divergence_on_ignored: bool = False) -> Weight:
+    """The divergence weight with tokens whose label is ignored (or out of range) set to exactly 0.
+
+    This is what TRL, Liger-Kernel and torchtune mean by ignore_index: an ignored token takes part in
+    no term and is not counted by "mean". Without labels, or with divergence_on_ignored=True (labels
+    mask only the CE term; mask the divergence with a per-token kl_weight instead), kl_weight is
+    returned as it is.
+    """
+    if not isinstance(divergence_on_ignored, bool):
+        raise TypeError(f"divergence_on_ignored must be a bool; got {type(divergence_on_ignored).__name__}")
+    if divergence_on_ignored or valid_label is None or _is_zero(kl_weight):
+        return kl_weight
+    if isinstance(kl_weight, torch.Tensor):
+        # where(), not a product: the weight of an ignored token gets no gradient and its D (NaN or
+        # inf for a broken teacher row) never reaches the loss.
+        return torch.where(valid_label, kl_weight, 0.0)
+    return torch.where(valid_label, float(kl_weight), 0.0)
+
+
 def weigh_and_reduce(
     divergence: torch.Tensor,  # [...] D per token (not yet scaled by T**2)
     cross_entropy: torch.Tensor,  # [...] ce per token, 0 where the label is ignored

@@ -17,7 +17,7 @@ import torch
 from . import _checks, backends
 from . import ops  # noqa: F401  (registers torch.ops.distillkit.*)
 from ._checks import DIVERGENCE_IDS, NO_DIVERGENCE, Weight
-from ._reduce import weigh_and_reduce
+from ._reduce import mask_ignored_tokens, weigh_and_reduce
 from .reference import valid_labels
 
 
@@ -29,6 +29,21 @@ class LossTerms(NamedTuple):
 
 def _is_literal_zero(weight: Weight) -> bool:
     return not isinstance(weight, torch.Tensor) and weight == 0
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token targets for logits aligned with the inputs: labels[..., 1:] followed by ignore_index.
+
+    A causal LM's logits at position i predict token i + 1, and Hugging Face labels are the input ids
+    (with ignore_index on prompt and padding). ``distill_loss(logits, teacher_logits, shift_labels(labels))``
+    then equals TRL's and Liger-Kernel's loss on ``logits[..., :-1, :]`` and ``labels[..., 1:]``: the
+    last position gets ignore_index and so takes part in no term, and no [B, S, V] tensor is copied.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor; got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.dim() == 0:
+        raise ValueError("labels must have a sequence dimension; got a 0-dim tensor")
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
 def loss_terms(
@@ -95,14 +110,21 @@ def distill_loss(
     vocab_mismatch: str = "error",
     process_group=None,
     vocab_start: Optional[int] = None,
+    divergence_on_ignored: bool = False,
 ) -> torch.Tensor:
     """Fused knowledge-distillation loss between student and teacher logits.
+
+    Logits and labels are aligned position by position: for a causal LM's [B, S, V] logits and
+    Hugging Face labels, pass ``distillkit.shift_labels(labels)`` (position i predicts token i + 1),
+    exactly as TRL, Liger-Kernel and torchtune expect shifted inputs.
 
     Args:
         student_logits: [..., V] float32/float16/bfloat16; receives the gradient.
         teacher_logits: [..., V], same shape; treated as a constant (no gradient). May be None when
             kl_weight == 0.0 (CE only); -inf entries (masked vocabulary) are allowed.
-        labels: [...] int64 hard labels for the CE term; ignore_index entries are skipped.
+        labels: [...] int64 hard labels. A token whose label is ignore_index (or, with check_labels=False,
+            out of range) takes part in no term, divergence included, and is not counted by "mean" (as in
+            TRL, Liger-Kernel and torchtune); see divergence_on_ignored.
         divergence: "forward_kl" KL(p||q) | "reverse_kl" KL(q||p) | "jsd" (beta = teacher weight) |
             "skew_forward_kl" | "skew_reverse_kl" | "tvd"; p = softmax(t/T), q = softmax(s/T).
         beta: JSD mixture weight of the teacher, in (0, 1).
@@ -122,6 +144,10 @@ def distill_loss(
         process_group: the logits are this rank's shard of the vocabulary across the group (tensor
             parallel); see distillkit.parallel.distill_loss_vocab_parallel. vocab_start is the shard's first
             id (pass it: otherwise the shard sizes are gathered once per group, a host-level collective).
+        divergence_on_ignored: False (default): ignored labels mask every term. True: labels mask only the
+            CE term and the divergence covers every token (distillkit 0.1's behaviour), for callers that mask
+            the divergence themselves with a per-token kl_weight, e.g. to distil on prompt tokens that
+            carry no hard label.
     Returns:
         The loss in float32 (the row math is fp32 for every input dtype; float64 inputs run on the
         torch backend in fp32 too: use distillkit.reference for a float64 oracle).
@@ -134,7 +160,7 @@ def distill_loss(
             divergence=divergence, beta=beta, skew=skew, temperature=temperature,
             temperature_scaling=temperature_scaling, kl_weight=kl_weight, ce_weight=ce_weight,
             ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, backend=backend,
-            check_labels=check_labels, vocab_mismatch=vocab_mismatch)
+            check_labels=check_labels, vocab_mismatch=vocab_mismatch, divergence_on_ignored=divergence_on_ignored)
     _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                           reduction=reduction, backend=backend)
     _checks.check_logits("student_logits", student_logits)
@@ -149,6 +175,7 @@ def distill_loss(
         temperature=temperature, ignore_index=ignore_index, backend=backend, check_labels=check_labels,
         vocab_mismatch=vocab_mismatch, with_divergence=not _is_literal_zero(kl_weight),
         with_ce=labels is not None and not _is_literal_zero(ce_weight))
+    kl_weight = mask_ignored_tokens(kl_weight, terms.valid_label, divergence_on_ignored)
     return weigh_and_reduce(*terms, kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             temperature_scaling=temperature_scaling, reduction=reduction,
                             normalizer=normalizer)

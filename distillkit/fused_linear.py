@@ -36,7 +36,7 @@ from torch import Tensor
 from . import _checks, backends
 from . import ops  # noqa: F401  (registers torch.ops.distillkit.distill_rows*)
 from ._checks import DIVERGENCE_IDS, NO_DIVERGENCE, Weight
-from ._reduce import count_active_tokens
+from ._reduce import count_active_tokens, mask_ignored_tokens
 from .reference import valid_labels
 from .vocab import check_policy, shared_vocab_size
 
@@ -272,7 +272,7 @@ def fused_linear_distill_loss(
     temperature_scaling: bool = True, kl_weight: Weight = 1.0, ce_weight: Weight = 0.0,
     ignore_index: int = -100, reduction: str = "mean", normalizer=None, backend: str = "auto",
     check_labels: bool = True, vocab_mismatch: str = "error", chunk_size: Optional[int] = None,
-    max_chunk_bytes: int = 256 * 2**20, grad_weight_fp32: bool = True,
+    max_chunk_bytes: int = 256 * 2**20, grad_weight_fp32: bool = True, divergence_on_ignored: bool = False,
 ) -> Tensor:
     """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
     teacher_bias, labels, ...)` without materializing the [N, V] logits.
@@ -283,7 +283,8 @@ def fused_linear_distill_loss(
         teacher_hidden, teacher_weight, teacher_bias: [..., Ht], [Vt, Ht], [Vt] or None; constants. May be
             None when kl_weight == 0.0 (CE only).
         labels, divergence, beta, skew, temperature, temperature_scaling, kl_weight, ce_weight, ignore_index,
-            reduction, normalizer, backend, check_labels: exactly as in `distillkit.distill_loss`.
+            reduction, normalizer, backend, check_labels, divergence_on_ignored: exactly as in
+            `distillkit.distill_loss` (by default a token whose label is ignore_index takes part in no term).
         vocab_mismatch: "error" (Vt != V raises) | "truncate" (the divergence compares the distributions over
             the shared first min(V, Vt) ids; CE keeps the student's full vocabulary). See distillkit.vocab.
         chunk_size: token rows per chunk; default: the most that keep the chunk temporaries within
@@ -331,13 +332,14 @@ def fused_linear_distill_loss(
         if with_ce and check_labels and not torch.compiler.is_compiling():
             _checks.check_label_range(labels, vocab, ignore_index)
 
+    valid = valid_labels(labels, vocab, ignore_index) if labels is not None else None
+    kl_weight = mask_ignored_tokens(kl_weight, valid, divergence_on_ignored) if with_div else kl_weight
     n = lead.numel()
     scale = temperature**2 if temperature_scaling else 1.0
     coef_div = _row_coefficient(kl_weight if with_div else 0.0, lead, scale, device)
     coef_ce = _row_coefficient(ce_weight if with_ce else 0.0, lead, 1.0, device)
     if reduction == "mean":
         if normalizer is None:
-            valid = valid_labels(labels, vocab, ignore_index) if labels is not None else None
             like = torch.zeros(lead, dtype=torch.float32, device=device)
             denom = count_active_tokens(like, valid, kl_weight, ce_weight).clamp_min(1)
         else:

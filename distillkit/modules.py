@@ -18,17 +18,24 @@ class DistillationLoss(nn.Module):
 
     forward(student_logits, teacher_logits, labels=None, *, kl_weight=None, ce_weight=None, normalizer=None):
     per-call kl_weight / ce_weight (e.g. per-token tensors) override the constructor's.
+
+    Inputs are aligned position by position: for a causal LM, pass ``distillkit.shift_labels(labels)``.
+    A token whose label is ignore_index takes part in no term (divergence_on_ignored=True: only CE
+    is masked by labels), as in TRL, Liger-Kernel and torchtune.
     """
 
     def __init__(self, divergence: str = "forward_kl", *, beta: float = 0.5, skew: float = 0.1,
                  temperature: float = 1.0, temperature_scaling: bool = True, kl_weight: Weight = 1.0,
                  ce_weight: Weight = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                 backend: str = "auto", check_labels: bool = True, vocab_mismatch: str = "error"):
+                 backend: str = "auto", check_labels: bool = True, vocab_mismatch: str = "error",
+                 divergence_on_ignored: bool = False):
         super().__init__()
+        if not isinstance(divergence_on_ignored, bool):
+            raise TypeError(f"divergence_on_ignored must be a bool; got {type(divergence_on_ignored).__name__}")
         self.options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                             temperature_scaling=temperature_scaling, ignore_index=ignore_index,
                             reduction=reduction, backend=backend, check_labels=check_labels,
-                            vocab_mismatch=vocab_mismatch)
+                            vocab_mismatch=vocab_mismatch, divergence_on_ignored=divergence_on_ignored)
         self.kl_weight, self.ce_weight = kl_weight, ce_weight
         # Validate now rather than on the first batch.
         from . import _checks
@@ -67,12 +74,35 @@ def _span_index(key) -> int:
     return index
 
 
+def check_span_ids(span_ids: torch.Tensor) -> None:
+    """Raise a ValueError naming span_ids if an id is outside {PAD_SPAN, 0, ..., NUM_SPANS - 1}. One device sync."""
+    if not isinstance(span_ids, torch.Tensor) or span_ids.dtype.is_floating_point or span_ids.dtype == torch.bool:
+        raise TypeError(f"span_ids must be an integer tensor; got {getattr(span_ids, 'dtype', type(span_ids).__name__)}")
+    bad = (span_ids < PAD_SPAN) | (span_ids >= NUM_SPANS)
+    if bool(bad.any()):
+        raise ValueError(f"span_ids contains {int(span_ids[bad].flatten()[0])}; span ids are {PAD_SPAN} (padding) "
+                         f"or 0..{NUM_SPANS - 1} ({', '.join(SPAN_NAMES)})")
+
+
+def span_token_weights(table: torch.Tensor, span_ids: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    """[..., 2] per-token (kl_weight, ce_weight) from a [NUM_SPANS, 2] table; padding and, where the check
+    is skipped (torch.compile), unknown ids weigh 0 — never a row picked by negative indexing."""
+    if check and not torch.compiler.is_compiling():
+        check_span_ids(span_ids)
+    known = (span_ids >= 0) & (span_ids < NUM_SPANS)
+    per_token = table[torch.where(known, span_ids, 0).long()]
+    return torch.where(known.unsqueeze(-1), per_token, 0.0)
+
+
 class SpanDistillationLoss(nn.Module):
     """Span-level distillation: each token's (kl_weight, ce_weight) comes from its span id.
 
     span_weights maps span names or ids (see distillkit.Span) to (kl_weight, ce_weight); spans not
     listed get (0, 0), and padding (span id PAD_SPAN = -1) is always 0. One fused call computes the
-    whole loss, e.g. KL on reasoning spans, CE on action spans and nothing on observations.
+    whole loss, e.g. KL on reasoning spans, CE on action spans and nothing on observations. The span
+    ids alone decide where the divergence applies (labels mask only the CE term here): a reasoning
+    span may be distilled without hard labels. Span ids outside {-1, 0, ..., 4} raise a ValueError
+    (checked when check_labels is on and not under torch.compile; there they weigh 0).
 
     learnable=True learns one log-variance s_k per non-zero table entry (uncertainty weighting): the
     effective weight is w_k * exp(-s_k) and s_k is added to the loss, so the weights cannot collapse
@@ -119,10 +149,8 @@ class SpanDistillationLoss(nn.Module):
         if span_ids.shape != student_logits.shape[:-1]:
             raise ValueError(f"span_ids has shape {tuple(span_ids.shape)} but must match the leading shape "
                              f"{tuple(student_logits.shape[:-1])} of student_logits")
-        is_pad = span_ids == PAD_SPAN
-        table = self.effective_table().to(student_logits.device)
-        per_token = table[torch.where(is_pad, 0, span_ids).long()]  # [..., 2]
-        per_token = torch.where(is_pad.unsqueeze(-1), 0.0, per_token)
+        per_token = span_token_weights(self.effective_table().to(student_logits.device), span_ids,
+                                       check=self.term_options["check_labels"])
         if sample_weight is not None:  # e.g. curriculum weights per sequence, [B] or broadcastable
             per_token = per_token * sample_weight.reshape(
                 *sample_weight.shape, *([1] * (span_ids.dim() - sample_weight.dim())), 1)

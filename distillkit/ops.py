@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends._rows import NUM_STATS
 
 
 @torch.library.custom_op("distillkit::distill_rows", mutates_args=())
@@ -23,7 +24,7 @@ def distill_rows(
     divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool, div_vocab: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (D [...], ce [...], stats [..., 4]) in fp32; see docs/DESIGN.md. The divergence covers the
+    """Per-row (D [...], ce [...], stats [..., NUM_STATS]) in fp32; see docs/DESIGN.md. The divergence covers the
     first div_vocab ids of both sides, CE the student's whole vocabulary."""
     return backends.module(backend).forward(student, teacher, labels, divergence, mix, temperature,
                                             ignore_index, with_ce, div_vocab)
@@ -33,7 +34,7 @@ def distill_rows(
 def _(student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce, div_vocab, backend):
     lead = student.shape[:-1]
     return (student.new_empty(lead, dtype=torch.float32), student.new_empty(lead, dtype=torch.float32),
-            student.new_empty((*lead, 4), dtype=torch.float32))
+            student.new_empty((*lead, NUM_STATS), dtype=torch.float32))
 
 
 @torch.library.custom_op("distillkit::distill_rows_backward", mutates_args=())

@@ -22,7 +22,8 @@ How (docs/DISTRIBUTED.md has the derivation):
    (kernels/vocab_parallel.py, or torch) gives sum d and sum h per row, then one more SUM all-reduce.
 4. Backward needs no communication: the loss is a function of the (replicated) per-row D and ce,
    so every rank receives the same grad_div / grad_ce and writes the gradient of its own shard from
-   the GLOBAL stats (lse_t, lse_s, c, lse1) saved by the forward.
+   the GLOBAL stats saved by the forward: the core layout (backends/_rows.py) with each global
+   log-normalizer as (max 0, log-sum LSE), the same precision as one LSE float.
 
 Per token this all-reduces 4 * (#lse + #sums) bytes: 36 bytes for a KL + CE, 40 for a mixture
 divergence + CE (``bytes_all_reduced_per_token``). No host-device synchronization, except the
@@ -40,9 +41,10 @@ import torch.distributed as dist
 from . import _checks, backends
 from . import ops  # noqa: F401  (registers torch.ops.distillkit.*)
 from ._checks import DIVERGENCE_IDS, NO_DIVERGENCE, Weight
-from ._reduce import weigh_and_reduce
-from .backends._rows import as_rows
-from .backends.torch_rows import _chunks, divergence_terms
+from ._reduce import mask_ignored_tokens, weigh_and_reduce
+from .backends._rows import (NUM_STATS, STAT_C, STAT_LS_1, STAT_LS_A, STAT_LS_B, STAT_M_1, STAT_M_S, STAT_M_T, as_rows,
+                             flush_subnormals)
+from .backends.torch_rows import _chunks, _log_probs, divergence_terms
 from .functional import LossTerms, _is_literal_zero
 
 __all__ = ["distill_loss_vocab_parallel", "vocab_parallel_loss_terms", "vocab_shard_range", "replicated_input",
@@ -148,10 +150,10 @@ def _shard_terms(impl, student, teacher, stats, div_id, mix, temperature, div_vo
         return d, h
     s2 = student.reshape(-1, student.shape[-1])[:, :div_vocab]
     t2 = teacher.reshape(-1, teacher.shape[-1])[:, :div_vocab]
-    st, d2, h2 = stats.reshape(-1, 4), d.view(-1), h.view(-1)
+    st, d2, h2 = stats.reshape(-1, NUM_STATS), d.view(-1), h.view(-1)
     for rows in _chunks(n_rows, div_vocab):
-        log_p = t2[rows].float() / temperature - st[rows, 0:1]
-        log_q = s2[rows].float() / temperature - st[rows, 1:2]
+        _, log_p = _log_probs(t2[rows].float(), st[rows, STAT_M_T], st[rows, STAT_LS_A], 1.0 / temperature)
+        _, log_q = _log_probs(s2[rows].float(), st[rows, STAT_M_S], st[rows, STAT_LS_B], 1.0 / temperature)
         dd, hh = divergence_terms(log_p, log_q, log_p.exp(), log_q.exp(), mix, div_id)
         d2[rows], h2[rows] = dd.sum(-1), hh.sum(-1)
     return d, h
@@ -182,20 +184,25 @@ def _shard_backward(impl, grad_div, grad_ce, student, teacher, local_labels, sta
         return grad
     g2, s2 = grad.view(-1, vocab), student.reshape(-1, vocab)
     t2 = teacher.reshape(-1, teacher.shape[-1])[:, :div_vocab] if div_id != NO_DIVERGENCE else None
-    st = stats.reshape(-1, 4)
+    st = stats.reshape(-1, NUM_STATS)
     y2 = local_labels.reshape(-1) if with_ce else None
+    inv_t = 1.0 / temperature
     for rows in _chunks(n_rows, vocab):
         s = s2[rows].float()
         out = torch.zeros_like(s)
         if div_id != NO_DIVERGENCE and div_vocab > 0:
-            log_p = t2[rows].float() / temperature - st[rows, 0:1]
-            log_q = s[:, :div_vocab] / temperature - st[rows, 1:2]
+            x_a, log_p = _log_probs(t2[rows].float(), st[rows, STAT_M_T], st[rows, STAT_LS_A], inv_t)
+            x_b, log_q = _log_probs(s[:, :div_vocab], st[rows, STAT_M_S], st[rows, STAT_LS_B], inv_t)
             p, q = log_p.exp(), log_q.exp()
+            c = st[rows, STAT_C, None]
             if div_id == _FORWARD_KL:
                 d_db = q - p
+            elif div_id == _REVERSE_KL:
+                d_db = torch.where(q > 0, q * ((x_b - x_a) - c), 0.0)
             else:
                 _, h = divergence_terms(log_p, log_q, p, q, mix, div_id)
-                d_db = h - q * st[rows, 2:3]
+                d_db = h - q * c
+            d_db = torch.where(c.isnan(), float("nan"), d_db)
             out[:, :div_vocab] += torch.where(gd[rows, None] != 0, (gd[rows, None] / temperature) * d_db, 0.0)
         if with_ce:
             y = y2[rows]
@@ -203,8 +210,9 @@ def _shard_backward(impl, grad_div, grad_ce, student, teacher, local_labels, sta
             onehot = torch.zeros_like(s)
             onehot.scatter_(-1, torch.where(here, y, 0)[:, None], here.float()[:, None])
             g_ce = gc[rows, None]
-            out += torch.where(g_ce != 0, g_ce * ((s - st[rows, 3:4]).exp() - onehot), 0.0)
-        g2[rows] = out.to(grad.dtype)
+            softmax_s = _log_probs(s, st[rows, STAT_M_1], st[rows, STAT_LS_1], 1.0)[1].exp()
+            out += torch.where(g_ce != 0, g_ce * (softmax_s - onehot), 0.0)
+        g2[rows] = flush_subnormals(out).to(grad.dtype)
     return grad
 
 
@@ -233,6 +241,18 @@ def _local_labels(labels, ignore_index: int, vocab_start: int, vocab: int):
     return torch.where(in_shard, labels - vocab_start, -1), in_shard
 
 
+def _lse(stats: torch.Tensor, m_slot: int, ls_slot: int, inv_t: float) -> torch.Tensor:
+    """A shard's log-normalizer m / T + ls from the core op's stats; -inf for a row with nothing on the shard."""
+    m = stats[..., m_slot]
+    return torch.where(m == _NEG_INF, _NEG_INF, m * inv_t + stats[..., ls_slot])
+
+
+def _global_stats(lse_a, lse_b, c, lse1) -> torch.Tensor:
+    """The core stats layout with every maximum 0 and every log-sum the global LSE."""
+    zero = torch.zeros_like(c)
+    return torch.stack([zero, lse_a, zero, lse_b, c, zero, lse1, zero], -1).contiguous()
+
+
 @torch.library.custom_op("distillkit::vocab_parallel_rows", mutates_args=())
 def vocab_parallel_rows(
     student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor], group_name: str,
@@ -240,7 +260,7 @@ def vocab_parallel_rows(
     with_ce: bool, div_vocab: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(student shard, teacher shard, global labels) -> global per-row (D, ce, valid label, stats), replicated
-    on every rank of the group; stats [..., 4] are the global (lse_a, lse_b, c, lse_1) the backward needs."""
+    on every rank of the group; stats [..., NUM_STATS] are the global statistics the backward needs."""
     group = _resolve_group(group_name, world)
     lead, vocab, dev = student.shape[:-1], student.shape[-1], student.device
     with_div = div_id != NO_DIVERGENCE
@@ -260,19 +280,21 @@ def vocab_parallel_rows(
     #    An empty shard (or an empty shared part under "truncate") contributes lse = -inf.
     run_div, run_ce = with_div and div_vocab > 0, with_ce and vocab > 0
     local_div_id = div_id if div_id in (NO_DIVERGENCE, _FORWARD_KL, _REVERSE_KL) else _FORWARD_KL
-    div_r, stats_r = zeros, torch.full((*lead, 4), _NEG_INF, dtype=torch.float32, device=dev)
+    lse_r = torch.full((*lead, 3), _NEG_INF, dtype=torch.float32, device=dev)  # lse(t/T), lse(s/T), lse(s)
+    div_r = zeros
     if run_div or run_ce:
         div_r, _, stats_op = torch.ops.distillkit.distill_rows(
             student, teacher if run_div else None, local if run_ce else None,
             local_div_id if run_div else NO_DIVERGENCE, float(mix), float(temperature), int(ignore_index),
             run_ce, div_vocab if run_div else vocab, backend)
         if run_div:
-            stats_r[..., :2] = stats_op[..., :2]
+            lse_r[..., 0] = _lse(stats_op, STAT_M_T, STAT_LS_A, 1.0 / temperature)
+            lse_r[..., 1] = _lse(stats_op, STAT_M_S, STAT_LS_B, 1.0 / temperature)
         if run_ce:
-            stats_r[..., 3] = stats_op[..., 3]
+            lse_r[..., 2] = _lse(stats_op, STAT_M_1, STAT_LS_1, 1.0)
 
     # 2. MAX then SUM all-reduce of the per-row partials.
-    lse_cols = ([stats_r[..., 0], stats_r[..., 1]] if with_div else []) + ([stats_r[..., 3]] if with_ce else [])
+    lse_cols = ([lse_r[..., 0], lse_r[..., 1]] if with_div else []) + ([lse_r[..., 2]] if with_ce else [])
     lse_a = lse_b = lse1 = c = zeros
     div, ce = zeros.clone(), zeros.clone()  # two distinct outputs even when both are 0
     valid = torch.zeros(lead, dtype=torch.bool, device=dev)
@@ -302,21 +324,22 @@ def vocab_parallel_rows(
             if div_id in (_FORWARD_KL, _REVERSE_KL):
                 z_x = sums[..., i_x]
                 div = sums[..., k] / z_x - lse_global[..., i_x] + lse_global[..., i_y]
-                c = torch.full_like(div, -1.0) if div_id == _FORWARD_KL else div
+                # reverse: c = E_q[b - a] = D + lse_b - lse_a (the backward's q (b - a - c), maxima 0 here)
+                c = torch.full_like(div, -1.0) if div_id == _FORWARD_KL else div + (lse_b - lse_a)
                 k += 1
         if with_ce:
             lse1 = lse_global[..., -1]
             valid = sums[..., k + 1] > 0.5
             ce = torch.where(valid, lse1 - sums[..., k], 0.0)
 
-    stats = torch.stack([lse_a, lse_b, c, lse1], -1).contiguous()
+    stats = _global_stats(lse_a, lse_b, c, lse1)
     impl = _shard_impl(backend)
     if with_div and div_id not in (_FORWARD_KL, _REVERSE_KL):
         # 3. Mixture divergences: sum d, sum h over the shard with the global normalizers.
         d, h = _shard_terms(impl, student, teacher, stats, div_id, mix, temperature, div_vocab)
         dh = _all_reduce(torch.stack([d, h], -1), dist.ReduceOp.SUM, group, world)
         div = dh[..., 0]
-        stats = torch.stack([lse_a, lse_b, dh[..., 1], lse1], -1).contiguous()
+        stats = _global_stats(lse_a, lse_b, dh[..., 1], lse1)
 
     return div.contiguous(), ce.contiguous(), valid, stats
 
@@ -326,7 +349,7 @@ def _(student, teacher, labels, group_name, world, vocab_start, div_id, mix, tem
       div_vocab, backend):
     lead, f32 = student.shape[:-1], dict(dtype=torch.float32)
     return (student.new_empty(lead, **f32), student.new_empty(lead, **f32),
-            student.new_empty(lead, dtype=torch.bool), student.new_empty((*lead, 4), **f32))
+            student.new_empty(lead, dtype=torch.bool), student.new_empty((*lead, NUM_STATS), **f32))
 
 
 @torch.library.custom_op("distillkit::vocab_parallel_rows_backward", mutates_args=())
@@ -474,6 +497,7 @@ def distill_loss_vocab_parallel(
     backend: str = "auto",
     check_labels: bool = True,
     vocab_mismatch: str = "error",
+    divergence_on_ignored: bool = False,
 ) -> torch.Tensor:
     """:func:`distillkit.distill_loss` over logits sharded along the vocabulary across ``process_group``.
 
@@ -511,6 +535,7 @@ def distill_loss_vocab_parallel(
         backend=backend, check_labels=check_labels, vocab_mismatch=vocab_mismatch,
         with_divergence=not _is_literal_zero(kl_weight),
         with_ce=labels is not None and not _is_literal_zero(ce_weight))
+    kl_weight = mask_ignored_tokens(kl_weight, terms.valid_label, divergence_on_ignored)
     return weigh_and_reduce(*terms, kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             temperature_scaling=temperature_scaling, reduction=reduction, normalizer=normalizer)
 

@@ -43,10 +43,43 @@ def _safe_log(m: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.where(m > 0, m, 1.0))
 
 
+def _no_distribution(logits: torch.Tensor) -> torch.Tensor:
+    """Rows that define no distribution: a NaN or +inf entry, or no finite entry at all."""
+    return logits.isnan().any(-1) | logits.isposinf().any(-1) | ~logits.isfinite().any(-1)
+
+
 def divergence_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                          divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
                          temperature: float = 1.0) -> torch.Tensor:
-    """D for every token (leading shape), not scaled by T**2."""
+    """D for every token (leading shape), not scaled by T**2; NaN where either row defines no distribution."""
+    undefined = _no_distribution(student_logits) | _no_distribution(teacher_logits)
+    # Such rows are computed on zeros (any finite row would do) so that autograd through them stays
+    # finite; _UndefinedRows then gives them their NaN.
+    row_undefined = undefined.unsqueeze(-1)
+    div = _divergence(torch.where(row_undefined, 0.0, student_logits), torch.where(row_undefined, 0.0, teacher_logits),
+                      divergence=divergence, beta=beta, skew=skew, temperature=temperature)
+    return _UndefinedRows.apply(div, student_logits, undefined)
+
+
+class _UndefinedRows(torch.autograd.Function):
+    """D = NaN on rows that define no distribution; their student gradient is NaN where the row reaches
+    the loss (a non-zero incoming gradient) and 0 where it is weighted out, like eager PyTorch on a
+    NaN row and an exact 0 weight."""
+
+    @staticmethod
+    def forward(ctx, div, student_logits, undefined):
+        ctx.save_for_backward(undefined)
+        ctx.student_shape = student_logits.shape
+        return torch.where(undefined, float("nan"), div)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (undefined,) = ctx.saved_tensors
+        poisoned = (undefined & (grad != 0)).unsqueeze(-1).expand(ctx.student_shape)
+        return torch.where(undefined, 0.0, grad), torch.where(poisoned, float("nan"), 0.0).to(grad.dtype), None
+
+
+def _divergence(student_logits, teacher_logits, *, divergence, beta, skew, temperature):
     log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
     p, q = log_p.exp(), log_q.exp()
@@ -98,6 +131,7 @@ def distill_loss(
     backend: str = "auto",  # accepted for signature parity; the reference has one implementation
     check_labels: bool = True,
     vocab_mismatch: str = "error",
+    divergence_on_ignored: bool = False,
 ) -> torch.Tensor:
     """Same signature and semantics as :func:`distillkit.distill_loss`, in plain PyTorch autograd."""
     _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
@@ -128,6 +162,8 @@ def distill_loss(
     else:
         ce = cross_entropy_per_token(student_logits, labels, ignore_index)
         valid = valid_labels(labels, vocab_size, ignore_index)
+        if not divergence_on_ignored:  # an ignored token takes part in no term
+            kl_weight = torch.where(valid, torch.as_tensor(kl_weight, dtype=div.dtype, device=div.device), 0.0)
     return weigh_and_reduce(div, ce, valid, kl_weight=kl_weight, ce_weight=ce_weight,
                             temperature=temperature, temperature_scaling=temperature_scaling,
                             reduction=reduction, normalizer=normalizer)

@@ -107,6 +107,7 @@ def distill_loss_topk(
     normalizer=None,
     backend: str = "auto",  # signature parity
     check_labels: bool = True,  # signature parity
+    divergence_on_ignored: bool = False,
 ) -> torch.Tensor:
     """Same semantics as :func:`distillkit.distill_loss_topk`, in plain PyTorch autograd."""
     lead = student_logits.shape[:-1]
@@ -125,5 +126,7 @@ def distill_loss_topk(
     else:
         ce = cross_entropy_per_token(student_logits, labels, ignore_index)
         valid = valid_labels(labels, vocab, ignore_index)
+        if with_div and not divergence_on_ignored:  # an ignored token takes part in no term
+            kl_weight = torch.where(valid, torch.as_tensor(kl_weight, dtype=div.dtype, device=div.device), 0.0)
     return weigh_and_reduce(div, ce, valid, kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             temperature_scaling=temperature_scaling, reduction=reduction, normalizer=normalizer)

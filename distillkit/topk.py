@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _checks, backends
 from ._checks import Weight
-from ._reduce import weigh_and_reduce
+from ._reduce import mask_ignored_tokens, weigh_and_reduce
 from .reference import valid_labels
 from .reference_topk import REST_FLOOR, TAILS, TOPK_DIVERGENCES
 
@@ -288,6 +288,7 @@ def distill_loss_topk(
     normalizer=None,
     backend: str = "auto",
     check_labels: bool = True,
+    divergence_on_ignored: bool = False,
 ) -> Tensor:
     """Distillation loss against a teacher known only through its top-k log-probabilities per token.
 
@@ -302,8 +303,8 @@ def distill_loss_topk(
             rescaled to the loss temperature T as p ∝ exp(logprob * T0 / T).
         divergence: "forward_kl" KL(p||q) | "reverse_kl" KL(q||p), over the categories.
         temperature, temperature_scaling, kl_weight, ce_weight, ignore_index, reduction, normalizer,
-            check_labels: as in `distillkit.distill_loss` (CE at temperature 1 over the full vocabulary;
-            check_labels also checks that no id is >= V).
+            check_labels, divergence_on_ignored: as in `distillkit.distill_loss` (CE at temperature 1 over
+            the full vocabulary; an ignored label masks every term; check_labels also checks that no id is >= V).
         backend: "auto" (triton on CUDA, torch on CPU) | "triton" | "torch".
     Returns:
         The loss in float32.
@@ -362,5 +363,6 @@ def distill_loss_topk(
                            TOPK_DIVERGENCE_IDS[divergence] if with_div else 0, tail == "bucket",
                            float(temperature), int(ignore_index), bool(with_ce), resolved)
     valid = valid_labels(labels, vocab, ignore_index) if labels is not None else None
+    kl_weight = mask_ignored_tokens(kl_weight, valid, divergence_on_ignored)
     return weigh_and_reduce(div, ce, valid, kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             temperature_scaling=temperature_scaling, reduction=reduction, normalizer=normalizer)

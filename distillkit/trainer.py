@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the [tra
 from .curriculum import (CompetenceCurriculum, CurriculumConfig, mean_over_mask, reference_scores, token_entropy,
                          token_entropy_from_hidden)
 from .lm_head import forward_hidden, head_problem, head_reproduces_logits
-from .modules import DEFAULT_SPAN_WEIGHTS, SpanDistillationLoss
+from .modules import DEFAULT_SPAN_WEIGHTS, SpanDistillationLoss, span_token_weights
 from .spans import PAD_SPAN, SPAN_NAMES, Span
 from .trainer_config import COMPONENT_MODES, DistillationConfig  # noqa: F401  (re-exported)
 
@@ -262,10 +262,8 @@ class DistillationTrainer(Trainer):
 
     def _token_weights(self, spans: torch.Tensor, sample_weight: Optional[torch.Tensor]):
         """Per-token (kl_weight, ce_weight) from the span table, exactly as SpanDistillationLoss builds them."""
-        table = self.loss_fn.effective_table().to(spans.device)
-        is_pad = spans == PAD_SPAN
-        per_token = table[torch.where(is_pad, 0, spans).long()]
-        per_token = torch.where(is_pad.unsqueeze(-1), 0.0, per_token)
+        per_token = span_token_weights(self.loss_fn.effective_table().to(spans.device), spans,
+                                       check=self.distill_config.check_labels)
         if sample_weight is not None:
             per_token = per_token * sample_weight.reshape(-1, 1, 1).to(per_token.dtype)
         kl = per_token[..., 0] if self._uses_kl else 0.0
@@ -390,7 +388,8 @@ class DistillationTrainer(Trainer):
                 divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew, temperature=cfg.temperature,
                 temperature_scaling=cfg.temperature_scaling, kl_weight=kl_weight, ce_weight=ce_weight,
                 ignore_index=cfg.ignore_index, reduction="mean", normalizer=normalizer, backend=cfg.backend,
-                check_labels=cfg.check_labels, vocab_mismatch=cfg.vocab_mismatch, chunk_size=cfg.chunk_size)
+                check_labels=cfg.check_labels, vocab_mismatch=cfg.vocab_mismatch, chunk_size=cfg.chunk_size,
+                divergence_on_ignored=True)  # span ids decide, exactly as SpanDistillationLoss
             if self.loss_fn.log_vars is not None:
                 loss = loss + reg_scale * self.loss_fn.regularizer()
             if record:

@@ -6,9 +6,17 @@ q = softmax(b). Every divergence D(p, q) has the student gradient
 
     dD/db_k = h_k - q_k * c,      h_j = q_j * dD/dq_j,   c = sum_j h_j,
 
-so the forward saves per-row statistics only (log-normalizers and c) and the
-backward recomputes h element by element. Cross-entropy uses the raw student
-logits (temperature 1): ce = lse(s) - s[y], gradient softmax(s) - onehot(y).
+so the forward saves per-row statistics only and the backward recomputes h
+element by element. Cross-entropy uses the raw student logits (temperature 1):
+ce = lse(s) - s[y], gradient softmax(s) - onehot(y).
+
+Each log-normalizer is kept as a raw max m and a log-sum ls = log sum e^((x - m)/T),
+never added: log p_j = (t_j - m)/T - ls is exact however large |t/T| is (with
+lse as one float, s = [1e8, 1e8, 0, 0] gave q = [1, 1, 0, 0]). The max is
+subtracted before the 1/T multiply, so no FMA contraction can turn it into an
+fma whose rounding error is then exponentiated. A row with a NaN or +inf, or
+with no finite entry, defines no distribution: its D and c are NaN. Gradient
+entries below the smallest normal fp32 are stored as 0.
 
 Memory traffic (one unit = one read of one [N, V] logits tensor):
 - forward_kl / reverse_kl: one online pass over s and t (2 units); D comes
@@ -34,7 +42,10 @@ SKEW_FORWARD_KL = tl.constexpr(4)
 SKEW_REVERSE_KL = tl.constexpr(5)
 TVD = tl.constexpr(6)
 
-NUM_STATS = tl.constexpr(4)  # per row: lse(t/T), lse(s/T), c, lse(s)
+# Per row (distillkit/backends/_rows.py): max t, log-sum at T (teacher); max s, log-sum at T (student);
+# c; max s, log-sum at T = 1 (CE over the whole vocabulary); for the one-pass KLs the other side's logit
+# at the weighting side's argmax (the reference of their cancellation-free sums; 0 otherwise).
+NUM_STATS = tl.constexpr(8)
 
 
 @triton.jit
@@ -50,27 +61,48 @@ def _safe_max(m):
 
 
 @triton.jit
-def _online_lse_step(m, z, x):
-    """Merge block x into the running (max m, sum z of exp(x - m))."""
+def _online_lse_step(m, z, x, inv_temperature):
+    """Merge block x (raw logits) into the running (raw max m, sum z of exp((x - m) / T))."""
     m_new = tl.maximum(m, tl.max(x, 0))
     m_ref = _safe_max(m_new)
-    z = z * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
+    z = z * tl.exp((m - m_ref) * inv_temperature) + tl.sum(tl.exp((x - m_ref) * inv_temperature), 0)
     return m_new, z
 
 
 @triton.jit
-def _online_kl_step(m, z, w, x, y):
-    """Merge block x into (m, z) as above and into w = sum e^(x - m) (x - y), rescaled alike.
+def _online_kl_step(m, z, w, ref, x, y, inv_temperature):
+    """One-pass KL(softmax(x/T) || softmax(y/T)): merge block x, y into the running raw max m of x,
+    z = sum e^((x - m)/T) and w = sum e^((x - m)/T) ((x - m) - (y - ref)), where ref is y at x's argmax.
 
-    At the end KL(softmax x || softmax y) = w / z - lse(x) + lse(y): one pass over both rows.
-    Entries with e^(x - m) = 0 (x = -inf, a masked teacher entry) contribute 0, not 0 * inf."""
-    m_new = tl.maximum(m, tl.max(x, 0))
+    Terms are kept relative to x's mode on both sides, so the dominant term is exactly 0 and nothing of
+    the size of the logits cancels later (at +-1e4, terms y - x rounded to 1e-3 did). When the max moves,
+    the old terms shift by (m - m_new) + (ref_new - ref) and rescale. A masked y (-inf) at the mode
+    keeps the old (finite) ref; its +inf term makes w, and so the divergence, +inf. Entries with
+    e = 0 (x = -inf) contribute 0, not 0 * inf."""
+    block_max = tl.max(x, 0)
+    block_ref = tl.max(tl.where(x == block_max, y, float("-inf")), 0)
+    moved = (block_max > m) & (block_ref > float("-inf"))
+    m_new = tl.maximum(m, block_max)
+    ref_new = tl.where(moved, block_ref, ref)
     m_ref = _safe_max(m_new)
-    e = tl.exp(x - m_ref)
-    rescale = tl.exp(m - m_ref)
-    w = w * rescale + tl.sum(tl.where(e > 0, e * (x - y), 0.0), 0)
-    z = z * rescale + tl.sum(e, 0)
-    return m_new, z, w
+    rescale = tl.exp((m - m_ref) * inv_temperature)
+    shifted = tl.where(z > 0, w + z * ((m - m_ref) + (ref_new - ref)), w)
+    e = tl.exp((x - m_ref) * inv_temperature)
+    terms = tl.where(e > 0, e * ((x - m_ref) - (y - ref_new)), 0.0)
+    w = tl.where(shifted == float("inf"), shifted, shifted * rescale) + tl.sum(terms, 0)
+    return m_new, z * rescale + tl.sum(e, 0), w, ref_new
+
+
+@triton.jit
+def _is_finite(x):
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def _log_probs(x, m, ls, inv_temperature):
+    """((x - m) / T, log softmax(x / T)) from a row's saved raw max m and log-sum ls."""
+    rel = (x - m) * inv_temperature
+    return rel, rel - ls
 
 
 @triton.jit
@@ -113,25 +145,23 @@ def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def _store_row_outputs(row, s_row, labels_ptr, div_ptr, ce_ptr, stats_ptr, div, stat0, stat1, stat2, m_s, z_s,
-                       ignore_index, vocab_size, WITH_CE: tl.constexpr):
-    """Store a row's D and ce = lse(s) - s[y] (0 for an ignored or out-of-range label; lse(s) from the
-    running (m_s, z_s)) and its stats (stat0, stat1, stat2, lse(s)); shared by the dense and top-k forwards."""
-    ce = div * 0.0
-    lse_s = div * 0.0
+def _store_ce(row, s_row, labels_ptr, ce_ptr, m_s, z_s, ignore_index, vocab_size, WITH_CE: tl.constexpr):
+    """Store a row's ce = lse(s) - s[y] = (m - s[y]) + log z from the running raw (m_s, z_s): 0 for an
+    ignored or out-of-range label, NaN where s defines no distribution. Returns (m_s, log z_s), or
+    (0, 0) without CE; shared by the dense and top-k forwards."""
+    ce = m_s * 0.0
+    ls_s = ce
+    m_out = ce
     if WITH_CE:
-        lse_s = m_s + tl.log(z_s)
+        ls_s = tl.log(z_s)
+        m_out = m_s
         label = tl.load(labels_ptr + row)
         valid = (label != ignore_index) & (label >= 0) & (label < vocab_size)
         target = tl.load(s_row + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
-        ce = tl.where(valid, lse_s - target, 0.0)
-    tl.store(div_ptr + row, div)
+        ce_row = tl.where(_is_finite(m_s) & _is_finite(ls_s), (m_s - target) + ls_s, float("nan"))
+        ce = tl.where(valid, ce_row, 0.0)
     tl.store(ce_ptr + row, ce)
-    stats_row = stats_ptr + row * NUM_STATS
-    tl.store(stats_row + 0, stat0)
-    tl.store(stats_row + 1, stat1)
-    tl.store(stats_row + 2, stat2)
-    tl.store(stats_row + 3, lse_s)
+    return m_out, ls_s
 
 
 @triton.jit
@@ -150,10 +180,12 @@ def distill_forward_kernel(
     NEG_INF: tl.constexpr = float("-inf")
     zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)  # fp32 scalar for loop-carried state
 
-    m_a, z_a = zero + NEG_INF, zero  # teacher at T
-    m_b, z_b = zero + NEG_INF, zero  # student at T
+    m_t, z_a = zero + NEG_INF, zero  # teacher: raw max, sum of e^((t - m_t)/T)
+    m_b, z_b = zero + NEG_INF, zero  # student at T over the divergence ids
     m_s, z_s = zero + NEG_INF, zero  # student at 1 (CE)
-    w = zero  # forward_kl: sum e^(a-m_a)(a-b); reverse_kl: sum e^(b-m_b)(b-a)
+    # forward_kl: w = sum e^((t-m_t)/T)((t-m_t) - (s-ref)), ref = s at t's argmax; reverse_kl: s and t swapped
+    w = zero
+    ref = zero
 
     # Pass 1: online normalizers (and, for the KLs, D itself).
     for start in range(0, vocab_size, BLOCK_V):
@@ -161,46 +193,64 @@ def distill_forward_kernel(
         in_row = offs < vocab_size
         s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
         if WITH_CE:
-            m_s, z_s = _online_lse_step(m_s, z_s, s)
+            m_s, z_s = _online_lse_step(m_s, z_s, s, 1.0)
         if DIVERGENCE != NONE:
             in_div = offs < div_vocab_size
-            a = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32) * inv_temperature
-            b = tl.where(in_div, s, NEG_INF) * inv_temperature
+            t = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32)
+            sd = tl.where(in_div, s, NEG_INF)
             if DIVERGENCE == FORWARD_KL:
-                m_a, z_a, w = _online_kl_step(m_a, z_a, w, a, b)
-                m_b, z_b = _online_lse_step(m_b, z_b, b)
+                m_t, z_a, w, ref = _online_kl_step(m_t, z_a, w, ref, t, sd, inv_temperature)
+                m_b, z_b = _online_lse_step(m_b, z_b, sd, inv_temperature)
             elif DIVERGENCE == REVERSE_KL:
-                m_b, z_b, w = _online_kl_step(m_b, z_b, w, b, a)
-                m_a, z_a = _online_lse_step(m_a, z_a, a)
+                m_b, z_b, w, ref = _online_kl_step(m_b, z_b, w, ref, sd, t, inv_temperature)
+                m_t, z_a = _online_lse_step(m_t, z_a, t, inv_temperature)
             else:
-                m_a, z_a = _online_lse_step(m_a, z_a, a)
-                m_b, z_b = _online_lse_step(m_b, z_b, b)
+                m_t, z_a = _online_lse_step(m_t, z_a, t, inv_temperature)
+                m_b, z_b = _online_lse_step(m_b, z_b, sd, inv_temperature)
 
-    lse_a = m_a + tl.log(z_a)
-    lse_b = m_b + tl.log(z_b)
+    ls_a = tl.log(z_a)
+    ls_b = tl.log(z_b)
     div = zero
     c = zero
     if DIVERGENCE == FORWARD_KL:
-        div = w / z_a - lse_a + lse_b
+        # D = E_p[x_a - x_b] - ls_a + ls_b, with x_a - x_b = ((t - m_t) - (s - ref) + (m_b - ref)) / T
+        div = (w / z_a + (m_b - ref)) * inv_temperature + (ls_b - ls_a)
         c = zero - 1.0
     elif DIVERGENCE == REVERSE_KL:
-        div = w / z_b - lse_b + lse_a
-        c = div
+        # c = E_q[(s - m_b) - (t - ref)] / T, small near the mode; the backward uses q (that term / T - c)
+        c = w / z_b * inv_temperature
+        div = c + (m_t - ref) * inv_temperature - (ls_b - ls_a)
     elif DIVERGENCE != NONE:
         # Pass 2: the mixture divergences need both normalized distributions.
         for start in range(0, div_vocab_size, BLOCK_V):
             offs = start + cols
             in_row = offs < div_vocab_size
-            a = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
-            b = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
-            log_p = a - lse_a
-            log_q = b - lse_b
+            t = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+            s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+            _, log_p = _log_probs(t, m_t, ls_a, inv_temperature)
+            _, log_q = _log_probs(s, m_b, ls_b, inv_temperature)
             d, h = _divergence_terms(log_p, log_q, tl.exp(log_p), tl.exp(log_q), mix, DIVERGENCE)
             div += tl.sum(tl.where(in_row, d, 0.0), 0)
             c += tl.sum(tl.where(in_row, h, 0.0), 0)
+    if DIVERGENCE != NONE:
+        # A row with a NaN or +inf, or nothing finite, defines no distribution (docs/DESIGN.md).
+        defined = _is_finite(m_t) & _is_finite(ls_a) & _is_finite(m_b) & _is_finite(ls_b)
+        div = tl.where(defined, div, float("nan"))
+        c = tl.where(defined, c, float("nan"))
+    else:
+        m_t, ls_a, m_b, ls_b = zero, zero, zero, zero
 
-    _store_row_outputs(row, s_row, labels_ptr, div_ptr, ce_ptr, stats_ptr, div, lse_a, lse_b, c, m_s, z_s,
-                       ignore_index, vocab_size, WITH_CE)
+    m_s, ls_s = _store_ce(row, s_row, labels_ptr, ce_ptr, m_s, z_s, ignore_index, vocab_size, WITH_CE)
+    tl.store(div_ptr + row, div)
+    stats_row = stats_ptr + row * NUM_STATS
+    tl.store(stats_row + 0, m_t)
+    tl.store(stats_row + 1, ls_a)
+    tl.store(stats_row + 2, m_b)
+    tl.store(stats_row + 3, ls_b)
+    tl.store(stats_row + 4, c)
+    tl.store(stats_row + 5, m_s)
+    tl.store(stats_row + 6, ls_s)
+    tl.store(stats_row + 7, ref)
 
 
 @triton.jit
@@ -244,27 +294,36 @@ def _store_grad_block(
         stats_row = stats_ptr + row * NUM_STATS
         s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
         grad = tl.zeros([BLOCK_V], tl.float32)
-        # Skip, not multiply by 0: a row weighted out of the divergence may have an infinite one.
+        # Skip, not multiply by 0: a row weighted out of the divergence may have a NaN or infinite one.
         if DIVERGENCE != NONE:
             if g_div != 0:
                 t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
                 in_div = offs < div_vocab_size
-                a = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32) * inv_temperature
-                log_p = a - tl.load(stats_row + 0)
-                log_q = tl.where(in_div, s, NEG_INF) * inv_temperature - tl.load(stats_row + 1)
+                t = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32)
+                x_a, log_p = _log_probs(t, tl.load(stats_row + 0), tl.load(stats_row + 1), inv_temperature)
+                x_b, log_q = _log_probs(tl.where(in_div, s, NEG_INF), tl.load(stats_row + 2),
+                                        tl.load(stats_row + 3), inv_temperature)
                 p = tl.exp(log_p)
                 q = tl.exp(log_q)
+                c = tl.load(stats_row + 4)
                 if DIVERGENCE == FORWARD_KL:
                     d_db = q - p  # h - q c with h = -p, c = -1, without the cancellation
+                elif DIVERGENCE == REVERSE_KL:
+                    # (s - m_b) - (t - ref): exactly the forward's term, 0 at the mode
+                    rel = ((tl.where(in_div, s, NEG_INF) - tl.load(stats_row + 2)) - (t - tl.load(stats_row + 7)))
+                    d_db = tl.where(q > 0, q * (rel * inv_temperature - c), 0.0)
                 else:
                     _, h = _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE)
-                    d_db = h - q * tl.load(stats_row + 2)
+                    d_db = h - q * c
+                d_db = tl.where(c == c, d_db, float("nan"))  # a row with no distribution (c = NaN): NaN
                 grad += (g_div * inv_temperature) * d_db
         if WITH_CE:
             if g_ce != 0:
-                softmax_s = tl.exp(s - tl.load(stats_row + 3))
+                _, log_softmax_s = _log_probs(s, tl.load(stats_row + 5), tl.load(stats_row + 6), 1.0)
                 onehot = tl.where(offs == label, 1.0, 0.0)
-                grad += g_ce * (softmax_s - onehot)
+                grad += g_ce * (tl.exp(log_softmax_s) - onehot)
+        # No fp32/bf16 subnormal is stored (backends/_rows.py FLUSH_BELOW says why, and why fp16 keeps its own).
+        grad = tl.where(tl.abs(grad) < 1.1754943508222875e-38, 0.0, grad)
         tl.store(grad_row + offs, tl.where(in_row, grad, 0.0).to(out_dtype), mask=in_row)
 
 

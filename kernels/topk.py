@@ -32,9 +32,10 @@ read of s and one write of the dense gradient (2 units).
 import triton
 import triton.language as tl
 
-# The dense kernels' divergence ids and stats width; the top-k stats row is
-# (lse_norm (L for bucket, lse_k(g) for renormalize), lq_tail, D, lse(s)).
-from .distill import FORWARD_KL, NONE, NUM_STATS, REVERSE_KL, _row_coefficients, _store_row_outputs
+from .distill import FORWARD_KL, NONE, REVERSE_KL, _row_coefficients, _store_ce
+
+# The top-k stats row: (lse_norm (L for bucket, lse_k(g) for renormalize), lq_tail, D, lse(s)).
+NUM_STATS = tl.constexpr(4)
 
 
 @triton.jit
@@ -125,8 +126,13 @@ def topk_forward_kernel(
             if BUCKET:
                 div += tl.where(q_tail > 0, q_tail * (lq_tail - lp_tail), 0.0)
 
-    _store_row_outputs(row, s_row, labels_ptr, div_ptr, ce_ptr, stats_ptr, div, lse_norm, lq_tail, div, m_s, z_s,
-                       ignore_index, vocab_size, WITH_CE)
+    m_s, ls_s = _store_ce(row, s_row, labels_ptr, ce_ptr, m_s, z_s, ignore_index, vocab_size, WITH_CE)
+    tl.store(div_ptr + row, div)
+    stats_row = stats_ptr + row * NUM_STATS
+    tl.store(stats_row + 0, lse_norm)
+    tl.store(stats_row + 1, lq_tail)
+    tl.store(stats_row + 2, div)
+    tl.store(stats_row + 3, m_s + ls_s)
 
 
 @triton.jit

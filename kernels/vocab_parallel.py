@@ -17,13 +17,14 @@ per-row log-normalizers, which the caller all-reduces first (docs/DISTRIBUTED.md
   out-of-range label as ignored (no CE gradient at all), which would drop the softmax(s)
   term on every rank but the label's owner.
 
-Stats rows follow the core layout: (lse(t/T), lse(s/T), c, lse(s)), here global values.
+Stats rows follow the core layout (kernels/distill.py), here global values: every maximum is 0 and
+every log-sum the global log-normalizer.
 """
 
 import triton
 import triton.language as tl
 
-from .distill import NUM_STATS, _divergence_terms, _row_coefficients, _row_offset, _store_grad_block
+from .distill import NUM_STATS, _divergence_terms, _log_probs, _row_coefficients, _row_offset, _store_grad_block
 
 
 @triton.jit
@@ -34,24 +35,26 @@ def shard_terms_kernel(
     DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per row: sum_j d_j and sum_j h_j over the shard's first div_vocab_size ids,
-    with log p = t/T - LSE_t and log q = s/T - LSE_s from the global stats."""
+    with log p and log q normalized by the global stats."""
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
     t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
     cols = tl.arange(0, BLOCK_V)
     NEG_INF: tl.constexpr = float("-inf")
     stats_row = stats_ptr + row * NUM_STATS
-    lse_a = tl.load(stats_row + 0)
-    lse_b = tl.load(stats_row + 1)
+    m_t = tl.load(stats_row + 0)
+    ls_a = tl.load(stats_row + 1)
+    m_s = tl.load(stats_row + 2)
+    ls_b = tl.load(stats_row + 3)
     d_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
     h_sum = d_sum
     for start in range(0, div_vocab_size, BLOCK_V):
         offs = start + cols
         in_row = offs < div_vocab_size
-        a = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
-        b = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temperature
-        log_p = a - lse_a
-        log_q = b - lse_b
+        t = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+        s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+        _, log_p = _log_probs(t, m_t, ls_a, inv_temperature)
+        _, log_q = _log_probs(s, m_s, ls_b, inv_temperature)
         d, h = _divergence_terms(log_p, log_q, tl.exp(log_p), tl.exp(log_q), mix, DIVERGENCE)
         d_sum += tl.sum(tl.where(in_row, d, 0.0), 0)
         h_sum += tl.sum(tl.where(in_row, h, 0.0), 0)

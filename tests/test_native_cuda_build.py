@@ -117,3 +117,42 @@ def test_cuda_matches_cpu(div, dtype, vocab, path, monkeypatch):
     torch.testing.assert_close(g_gpu.cpu().float(), g_cpu.float(), rtol=tol,
                                atol=tol * g_cpu.float().abs().max().item())
     assert torch.equal(g_gpu[0].cpu(), torch.zeros_like(g_cpu[0]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("div", range(1, 7))
+def test_cuda_row_contract_edge_cases(div, dtype):
+    """The 0.2.0 row contract on the GPU: huge logits, NaN / +inf / all -inf teacher rows, no subnormal gradient
+    entries, and reverse KL of identical rows exactly 0 (tests/test_native_cpu.py checks the same on the CPU)."""
+    ops, v = torch.ops.distillkit_ext, 512
+    g = torch.Generator().manual_seed(div)
+    s = torch.randn(7, v, generator=g) * 30
+    t = torch.randn(7, v, generator=g) * 60  # sharp: subnormal gradient entries unless flushed
+    t[0, 17] = float("nan")
+    t[1, 250] = float("inf")
+    t[2] = float("-inf")
+    t[3, ::3] = s[3, ::3] = float("-inf")
+    s[4] = t[4]  # identical rows
+    if dtype != torch.float16:
+        s[5, :2], s[5, 2:] = 1e8, 0.0  # q = [0.5, 0.5, 0, ...] only with the raw max apart from the log-sum
+    s, t = s.to(dtype), t.to(dtype)
+    y = torch.tensor([5, 0, v - 1, 1, 7, -100, 3])
+    args = (div, 0.3, 1.0, -100, True)
+    d, ce, st = (x.cpu() for x in ops.rows_forward(s.cuda(), t.cuda(), y.cuda(), *args))
+    d_cpu, ce_cpu, st_cpu = ops.rows_forward(s, t, y, *args)
+    assert d[:3].isnan().all() and d[3:].isfinite().all() and ce.isfinite().all()
+    assert torch.equal(d.isnan(), d_cpu.isnan()) and torch.equal(st.isnan(), st_cpu.isnan())
+    torch.testing.assert_close(d[3:], d_cpu[3:], rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(ce, ce_cpu, rtol=2e-4, atol=2e-4)
+    if div == 2:
+        assert d[4] == 0
+    gd, gc = torch.full((7,), 1e-3), torch.full((7,), 1e-3)
+    gd[:3] = 0.0  # the broken rows: CE only, no NaN
+    grad = ops.rows_backward(gd.cuda(), gc.cuda(), s.cuda(), t.cuda(), y.cuda(), st.cuda(), *args).cpu()
+    grad_cpu = ops.rows_backward(gd, gc, s, t, y, st_cpu, *args)
+    tiny = torch.finfo(torch.float32).tiny  # float16 keeps its own subnormals
+    assert not grad.isnan().any() and not ((grad != 0) & (grad.float().abs() < tiny)).any()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(grad.float(), grad_cpu.float(), rtol=tol,
+                               atol=tol * grad_cpu.float().abs().max().item() + tiny)

@@ -1,7 +1,7 @@
 """Backends of the fused op. Each module exposes the same two functions:
 
     forward(student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)
-        -> (div [...] fp32, ce [...] fp32, stats [..., 4] fp32)
+        -> (div [...] fp32, ce [...] fp32, stats [..., 8] fp32; slots named in _rows.py)
     backward(grad_div, grad_ce, student, teacher, labels, stats,
              divergence, mix, temperature, ignore_index, with_ce) -> grad_student
 

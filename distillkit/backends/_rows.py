@@ -7,6 +7,26 @@ from typing import NamedTuple, Optional
 import torch
 
 
+# Per-row statistics of the forward that the backward reads (docs/DESIGN.md): the raw maxima and the
+# log-sums of teacher and student at T over the divergence ids, the gradient's row constant c, and the
+# student's raw max and log-sum at T = 1 over its whole vocabulary (CE). Slot 7 is reserved (0).
+NUM_STATS = 8
+STAT_M_T, STAT_LS_A, STAT_M_S, STAT_LS_B, STAT_C, STAT_M_1, STAT_LS_1 = range(7)
+
+
+# Gradient entries below the smallest normal float32 are stored as 0: x86 GEMMs that consume a gradient
+# full of fp32 (or bf16, same exponent range) subnormals run ~10x slower. float16 keeps its subnormals
+# (2**-24 to 2**-14): mean-reduced gradients live there, flushing them fails the float64 tolerance, and
+# no consumer slows down on them (CPU GEMMs widen fp16 to fp32, where they are normal; GPUs run them at
+# full speed).
+FLUSH_BELOW = torch.finfo(torch.float32).tiny
+
+
+def flush_subnormals(grad: torch.Tensor) -> torch.Tensor:
+    """fp32 gradient values below FLUSH_BELOW in magnitude as 0 (NaN stays NaN)."""
+    return torch.where(grad.abs() < FLUSH_BELOW, 0.0, grad)
+
+
 class RowView(NamedTuple):
     tensor: torch.Tensor  # the (possibly copied) logits whose storage the kernel reads
     n_inner: int  # rows are addressed as (row // n_inner, row % n_inner)
@@ -54,5 +74,5 @@ def row_outputs(student: torch.Tensor):
     lead = student.shape[:-1]
     div = torch.empty(lead, dtype=torch.float32, device=student.device)
     ce = torch.empty(lead, dtype=torch.float32, device=student.device)
-    stats = torch.empty((*lead, 4), dtype=torch.float32, device=student.device)
+    stats = torch.zeros((*lead, NUM_STATS), dtype=torch.float32, device=student.device)
     return div, ce, stats

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .._checks import DIVERGENCE_IDS
-from ._rows import row_outputs
+from ._rows import NUM_STATS, row_outputs, flush_subnormals
 
 CHUNK_BYTES = 64 * 2**20
 _ID = DIVERGENCE_IDS
@@ -58,35 +58,77 @@ def _valid(labels, vocab, ignore_index):
     return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
 
 
+def _max_and_logsum(x: torch.Tensor, inv_t: float):
+    """Per row the raw max m and log sum exp((x - m) / T), kept apart so that exp((x - m) / T - ls) is
+    exact however large |x| is. m = -inf (no finite entry) gives ls = -inf; NaN and +inf give NaN."""
+    m = x.amax(-1)
+    ref = torch.where(m == float("-inf"), 0.0, m)
+    return m, (((x - ref[:, None]) * inv_t).exp().sum(-1)).log()
+
+
+def _defined(m: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
+    return m.isfinite() & ls.isfinite()
+
+
+def _log_probs(x: torch.Tensor, m: torch.Tensor, ls: torch.Tensor, inv_t: float):
+    """((x - m) / T, log softmax(x / T)) from a row's saved (m, ls): subtract, then scale (docs/DESIGN.md)."""
+    rel = (x - m[:, None]) * inv_t
+    return rel, rel - ls[:, None]
+
+
+def _at_argmax(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per row y at x's argmax: the reference of the reverse-KL terms (0 where y is -inf there, so the
+    arithmetic stays finite and the +inf term gives the +inf divergence)."""
+    ref = y.gather(-1, x.argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(ref == float("-inf"), 0.0, ref)
+
+
+def _rel_terms(x, m_x, y, ref, inv_t: float):
+    """((x - m_x) - (y - ref)) / T per element: exactly 0 at x's mode."""
+    return ((x - m_x[:, None]) - (y - ref[:, None])) * inv_t
+
+
 def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor],
             divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
             div_vocab: int):
     div, ce, stats = row_outputs(student)
     vocab = student.shape[-1]
+    inv_t = 1.0 / temperature
     s2 = student.reshape(-1, vocab)
     t2 = teacher.reshape(-1, teacher.shape[-1])[:, :div_vocab] if divergence != 0 else None
     y = labels.reshape(-1) if with_ce else None
-    div2, ce2, stats2 = div.view(-1), ce.view(-1), stats.view(-1, 4)
+    div2, ce2, stats2 = div.view(-1), ce.view(-1), stats.view(-1, NUM_STATS)
     stats2.zero_()
     div2.zero_()
     ce2.zero_()
     for rows in _chunks(s2.shape[0], vocab):
         s = s2[rows].float()
         if divergence != 0:
-            a = t2[rows].float() / temperature
-            b = s[:, :div_vocab] / temperature
-            lse_a, lse_b = a.logsumexp(-1), b.logsumexp(-1)
-            log_p, log_q = a - lse_a[:, None], b - lse_b[:, None]
-            d, h = divergence_terms(log_p, log_q, log_p.exp(), log_q.exp(), mix, divergence)
-            div2[rows] = d.sum(-1)
-            stats2[rows, 0], stats2[rows, 1] = lse_a, lse_b
-            stats2[rows, 2] = h.sum(-1)
+            t, sd = t2[rows].float(), s[:, :div_vocab]
+            m_t, ls_a = _max_and_logsum(t, inv_t)
+            m_s, ls_b = _max_and_logsum(sd, inv_t)
+            x_a, log_p = _log_probs(t, m_t, ls_a, inv_t)
+            x_b, log_q = _log_probs(sd, m_s, ls_b, inv_t)
+            p, q = log_p.exp(), log_q.exp()
+            d, h = divergence_terms(log_p, log_q, p, q, mix, divergence)
+            if divergence == _ID["reverse_kl"]:
+                # c = E_q[(s - m_s) - (t - ref)] / T with ref = t at the student's argmax: 0 at the mode,
+                # so no term of the size of the logits cancels in the backward's q (term - c).
+                ref = _at_argmax(t, sd)
+                h = torch.where(q > 0, q * _rel_terms(sd, m_s, t, ref, inv_t), 0.0)
+                stats2[rows, 7] = ref
+            # A row that defines no distribution (NaN, +inf, nothing finite) has no divergence.
+            undefined = ~(_defined(m_t, ls_a) & _defined(m_s, ls_b))
+            div2[rows] = torch.where(undefined, float("nan"), d.sum(-1))
+            stats2[rows, 0], stats2[rows, 1], stats2[rows, 2], stats2[rows, 3] = m_t, ls_a, m_s, ls_b
+            stats2[rows, 4] = torch.where(undefined, float("nan"), h.sum(-1))
         if with_ce:
-            lse_s = s.logsumexp(-1)
+            m_1, ls_1 = _max_and_logsum(s, 1.0)
             valid = _valid(y[rows], vocab, ignore_index)
             target = s.gather(-1, torch.where(valid, y[rows], 0).long()[:, None]).squeeze(-1)
-            ce2[rows] = torch.where(valid, lse_s - target, 0.0)
-            stats2[rows, 3] = lse_s
+            ce_row = torch.where(_defined(m_1, ls_1), (m_1 - target) + ls_1, float("nan"))
+            ce2[rows] = torch.where(valid, ce_row, 0.0)
+            stats2[rows, 5], stats2[rows, 6] = m_1, ls_1
     return div, ce, stats
 
 
@@ -95,23 +137,31 @@ def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tenso
              divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
              div_vocab: int):
     vocab = student.shape[-1]
+    inv_t = 1.0 / temperature
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     g2, s2 = grad.view(-1, vocab), student.reshape(-1, vocab)
     t2 = teacher.reshape(-1, teacher.shape[-1])[:, :div_vocab] if divergence != 0 else None
-    st2 = stats.reshape(-1, 4).float()
+    st2 = stats.reshape(-1, NUM_STATS).float()
     gd, gc = grad_div.reshape(-1).float(), grad_ce.reshape(-1).float()
     for rows in _chunks(s2.shape[0], vocab):
         s = s2[rows].float()
+        st = st2[rows]
         out = torch.zeros_like(s)
         if divergence != 0:
-            a = t2[rows].float() / temperature
-            log_p = a - st2[rows, 0:1]
-            log_q = s[:, :div_vocab] / temperature - st2[rows, 1:2]
+            x_a, log_p = _log_probs(t2[rows].float(), st[:, 0], st[:, 1], inv_t)
+            x_b, log_q = _log_probs(s[:, :div_vocab], st[:, 2], st[:, 3], inv_t)
             p, q = log_p.exp(), log_q.exp()
-            _, h = divergence_terms(log_p, log_q, p, q, mix, divergence)
-            d_db = h - q * st2[rows, 2:3]
-            # where, not multiply: a row weighted out of the divergence may have an infinite one.
-            out[:, :div_vocab] += torch.where(gd[rows, None] != 0, (gd[rows, None] / temperature) * d_db, 0.0)
+            c = st[:, 4:5]
+            if divergence == _ID["forward_kl"]:
+                d_db = q - p  # h - q c with h = -p, c = -1, without the cancellation
+            elif divergence == _ID["reverse_kl"]:
+                rel = _rel_terms(s[:, :div_vocab], st[:, 2], t2[rows].float(), st[:, 7], inv_t)
+                d_db = torch.where(q > 0, q * (rel - c), 0.0)
+            else:
+                d_db = divergence_terms(log_p, log_q, p, q, mix, divergence)[1] - q * c
+            d_db = torch.where(c.isnan(), float("nan"), d_db)  # a row with no distribution: NaN, however masked
+            # where, not multiply: a row weighted out of the divergence may have a NaN or infinite one.
+            out[:, :div_vocab] += torch.where(gd[rows, None] != 0, (gd[rows, None] * inv_t) * d_db, 0.0)
         if with_ce:
             y = labels.reshape(-1)[rows]
             valid = _valid(y, vocab, ignore_index)
@@ -119,6 +169,8 @@ def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tenso
             onehot.scatter_(-1, torch.where(valid, y, 0).long()[:, None], valid.float()[:, None])
             # ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
             g_ce = torch.where(valid, gc[rows], 0.0)[:, None]
-            out += g_ce * ((s - st2[rows, 3:4]).exp() - onehot)
-        g2[rows] = out.to(grad.dtype)
+            softmax_s = _log_probs(s, st[:, 5], st[:, 6], 1.0)[1].exp()
+            out += torch.where(g_ce != 0, g_ce * (softmax_s - onehot), 0.0)
+        # No subnormal leaves the op: GEMMs that consume the gradient run ~10x slower on them (x86).
+        g2[rows] = flush_subnormals(out).to(grad.dtype)
     return grad
