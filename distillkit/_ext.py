@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .backends._rows import NUM_STATS
+
 _error: Optional[BaseException] = None
 try:
     from . import _C  # noqa: F401  (registers the ops via static initializers)
@@ -48,7 +50,7 @@ if _C is not None:
         torch._check(student.dim() == 2, lambda: "student must be 2-D [rows, vocab]")
         n = student.shape[0]
         return (student.new_empty((n,), dtype=torch.float32), student.new_empty((n,), dtype=torch.float32),
-                student.new_empty((n, 8), dtype=torch.float32))
+                student.new_empty((n, NUM_STATS), dtype=torch.float32))
 
     @torch.library.register_fake("distillkit_ext::rows_backward")
     def _rows_backward_fake(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,

@@ -42,9 +42,9 @@ from . import _checks, backends
 from . import ops  # noqa: F401  (registers torch.ops.distillkit.*)
 from ._checks import DIVERGENCE_IDS, NO_DIVERGENCE, Weight
 from ._reduce import mask_ignored_tokens, weigh_and_reduce
-from .backends._rows import (NUM_STATS, STAT_C, STAT_LS_1, STAT_LS_A, STAT_LS_B, STAT_M_1, STAT_M_S, STAT_M_T, as_rows,
+from .backends._rows import (NUM_STATS, STAT_LS_1, STAT_LS_A, STAT_LS_B, STAT_M_1, STAT_M_S, STAT_M_T, as_rows,
                              flush_subnormals)
-from .backends.torch_rows import _chunks, _log_probs, divergence_terms
+from .backends.torch_rows import _chunks, _log_probs, divergence_grad, divergence_terms, softmax_at_1
 from .functional import LossTerms, _is_literal_zero
 
 __all__ = ["distill_loss_vocab_parallel", "vocab_parallel_loss_terms", "vocab_shard_range", "replicated_input",
@@ -191,18 +191,7 @@ def _shard_backward(impl, grad_div, grad_ce, student, teacher, local_labels, sta
         s = s2[rows].float()
         out = torch.zeros_like(s)
         if div_id != NO_DIVERGENCE and div_vocab > 0:
-            x_a, log_p = _log_probs(t2[rows].float(), st[rows, STAT_M_T], st[rows, STAT_LS_A], inv_t)
-            x_b, log_q = _log_probs(s[:, :div_vocab], st[rows, STAT_M_S], st[rows, STAT_LS_B], inv_t)
-            p, q = log_p.exp(), log_q.exp()
-            c = st[rows, STAT_C, None]
-            if div_id == _FORWARD_KL:
-                d_db = q - p
-            elif div_id == _REVERSE_KL:
-                d_db = torch.where(q > 0, q * ((x_b - x_a) - c), 0.0)
-            else:
-                _, h = divergence_terms(log_p, log_q, p, q, mix, div_id)
-                d_db = h - q * c
-            d_db = torch.where(c.isnan(), float("nan"), d_db)
+            d_db = divergence_grad(s[:, :div_vocab], t2[rows].float(), st[rows], mix, div_id, inv_t)
             out[:, :div_vocab] += torch.where(gd[rows, None] != 0, (gd[rows, None] / temperature) * d_db, 0.0)
         if with_ce:
             y = y2[rows]
@@ -210,8 +199,7 @@ def _shard_backward(impl, grad_div, grad_ce, student, teacher, local_labels, sta
             onehot = torch.zeros_like(s)
             onehot.scatter_(-1, torch.where(here, y, 0)[:, None], here.float()[:, None])
             g_ce = gc[rows, None]
-            softmax_s = _log_probs(s, st[rows, STAT_M_1], st[rows, STAT_LS_1], 1.0)[1].exp()
-            out += torch.where(g_ce != 0, g_ce * (softmax_s - onehot), 0.0)
+            out += torch.where(g_ce != 0, g_ce * (softmax_at_1(s, st[rows]) - onehot), 0.0)
         g2[rows] = flush_subnormals(out).to(grad.dtype)
     return grad
 

@@ -113,6 +113,11 @@ def cross_entropy_per_token(student_logits: torch.Tensor, labels: torch.Tensor,
     return torch.where(valid, -log_q1.gather(-1, target).squeeze(-1), 0.0)
 
 
+def without_ignored_tokens(kl_weight, valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """kl_weight as a tensor that is exactly 0 on tokens whose label is ignored: they take part in no term."""
+    return torch.where(valid, torch.as_tensor(kl_weight, dtype=like.dtype, device=like.device), 0.0)
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: Optional[torch.Tensor],
@@ -162,8 +167,8 @@ def distill_loss(
     else:
         ce = cross_entropy_per_token(student_logits, labels, ignore_index)
         valid = valid_labels(labels, vocab_size, ignore_index)
-        if not divergence_on_ignored:  # an ignored token takes part in no term
-            kl_weight = torch.where(valid, torch.as_tensor(kl_weight, dtype=div.dtype, device=div.device), 0.0)
+        if not divergence_on_ignored:
+            kl_weight = without_ignored_tokens(kl_weight, valid, div)
     return weigh_and_reduce(div, ce, valid, kl_weight=kl_weight, ce_weight=ce_weight,
                             temperature=temperature, temperature_scaling=temperature_scaling,
                             reduction=reduction, normalizer=normalizer)

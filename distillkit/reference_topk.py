@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ._reduce import weigh_and_reduce
-from .reference import _kl_terms, cross_entropy_per_token, valid_labels
+from .reference import _kl_terms, cross_entropy_per_token, valid_labels, without_ignored_tokens
 
 TAILS = ("renormalize", "bucket")
 TOPK_DIVERGENCES = ("forward_kl", "reverse_kl")
@@ -126,7 +126,7 @@ def distill_loss_topk(
     else:
         ce = cross_entropy_per_token(student_logits, labels, ignore_index)
         valid = valid_labels(labels, vocab, ignore_index)
-        if with_div and not divergence_on_ignored:  # an ignored token takes part in no term
-            kl_weight = torch.where(valid, torch.as_tensor(kl_weight, dtype=div.dtype, device=div.device), 0.0)
+        if with_div and not divergence_on_ignored:
+            kl_weight = without_ignored_tokens(kl_weight, valid, div)
     return weigh_and_reduce(div, ce, valid, kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             temperature_scaling=temperature_scaling, reduction=reduction, normalizer=normalizer)

@@ -300,8 +300,8 @@ def _store_grad_block(
                 t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
                 in_div = offs < div_vocab_size
                 t = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32)
-                x_a, log_p = _log_probs(t, tl.load(stats_row + 0), tl.load(stats_row + 1), inv_temperature)
-                x_b, log_q = _log_probs(tl.where(in_div, s, NEG_INF), tl.load(stats_row + 2),
+                _, log_p = _log_probs(t, tl.load(stats_row + 0), tl.load(stats_row + 1), inv_temperature)
+                _, log_q = _log_probs(tl.where(in_div, s, NEG_INF), tl.load(stats_row + 2),
                                         tl.load(stats_row + 3), inv_temperature)
                 p = tl.exp(log_p)
                 q = tl.exp(log_q)

@@ -8,10 +8,11 @@ import torch
 
 
 # Per-row statistics of the forward that the backward reads (docs/DESIGN.md): the raw maxima and the
-# log-sums of teacher and student at T over the divergence ids, the gradient's row constant c, and the
-# student's raw max and log-sum at T = 1 over its whole vocabulary (CE). Slot 7 is reserved (0).
+# log-sums of teacher and student at T over the divergence ids, the gradient's row constant c, the
+# student's raw max and log-sum at T = 1 over its whole vocabulary (CE), and for the one-pass KLs the
+# other side's logit at the weighting side's argmax (the reference of their terms; 0 otherwise).
 NUM_STATS = 8
-STAT_M_T, STAT_LS_A, STAT_M_S, STAT_LS_B, STAT_C, STAT_M_1, STAT_LS_1 = range(7)
+STAT_M_T, STAT_LS_A, STAT_M_S, STAT_LS_B, STAT_C, STAT_M_1, STAT_LS_1, STAT_REF = range(NUM_STATS)
 
 
 # Gradient entries below the smallest normal float32 are stored as 0: x86 GEMMs that consume a gradient
@@ -74,5 +75,5 @@ def row_outputs(student: torch.Tensor):
     lead = student.shape[:-1]
     div = torch.empty(lead, dtype=torch.float32, device=student.device)
     ce = torch.empty(lead, dtype=torch.float32, device=student.device)
-    stats = torch.zeros((*lead, NUM_STATS), dtype=torch.float32, device=student.device)
+    stats = torch.empty((*lead, NUM_STATS), dtype=torch.float32, device=student.device)
     return div, ce, stats

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._rows import flat_labels
+from ._rows import NUM_STATS, flat_labels
 
 
 def _rows2d(x: Optional[torch.Tensor], columns: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -37,7 +37,7 @@ def forward(student, teacher, labels, divergence, mix, temperature, ignore_index
             _rows2d(student), None, labels, 0, mix, temperature, ignore_index, with_ce)
         # stats slots 5-6 (m_1, ls_1) are the CE's, the others (m_t, ls_a, m_s, ls_b, c; ref) the divergence's
         stats = torch.cat([stats[:, :5], ce_stats[:, 5:7], stats[:, 7:]], dim=1)
-    return div.view(lead), ce.view(lead), stats.view(*lead, 8)
+    return div.view(lead), ce.view(lead), stats.view(*lead, NUM_STATS)
 
 
 def backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
@@ -46,7 +46,7 @@ def backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix
     grad_div = grad_div.reshape(-1).float().contiguous()
     grad_ce = grad_ce.reshape(-1).float().contiguous()
     labels = flat_labels(labels, student) if with_ce else None
-    stats = stats.reshape(-1, 8).contiguous()
+    stats = stats.reshape(-1, NUM_STATS).contiguous()
     if div_vocab == vocab or divergence == 0:
         grad = torch.ops.distillkit_ext.rows_backward(
             grad_div, grad_ce, _rows2d(student), _rows2d(teacher, div_vocab) if divergence != 0 else None,

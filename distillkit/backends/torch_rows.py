@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from .._checks import DIVERGENCE_IDS
-from ._rows import NUM_STATS, row_outputs, flush_subnormals
+from ._rows import (NUM_STATS, STAT_C, STAT_LS_1, STAT_LS_A, STAT_LS_B, STAT_M_1, STAT_M_S, STAT_M_T, STAT_REF,
+                    flush_subnormals, row_outputs)
 
 CHUNK_BYTES = 64 * 2**20
 _ID = DIVERGENCE_IDS
@@ -88,6 +89,30 @@ def _rel_terms(x, m_x, y, ref, inv_t: float):
     return ((x - m_x[:, None]) - (y - ref[:, None])) * inv_t
 
 
+def divergence_grad(s_div: torch.Tensor, t: torch.Tensor, st: torch.Tensor, mix: float, divergence: int,
+                    inv_t: float) -> torch.Tensor:
+    """dD/db for a chunk of rows (student s_div and teacher t over the divergence ids, fp32) from their
+    stats [rows, NUM_STATS]; NaN on a row with no distribution (c = NaN), whatever the guards below say.
+    Shared by this backend's backward and the vocabulary-parallel shard backward (global stats)."""
+    _, log_p = _log_probs(t, st[:, STAT_M_T], st[:, STAT_LS_A], inv_t)
+    _, log_q = _log_probs(s_div, st[:, STAT_M_S], st[:, STAT_LS_B], inv_t)
+    p, q = log_p.exp(), log_q.exp()
+    c = st[:, STAT_C, None]
+    if divergence == _ID["forward_kl"]:
+        d_db = q - p  # h - q c with h = -p, c = -1, without the cancellation
+    elif divergence == _ID["reverse_kl"]:
+        rel = _rel_terms(s_div, st[:, STAT_M_S], t, st[:, STAT_REF], inv_t)
+        d_db = torch.where(q > 0, q * (rel - c), 0.0)
+    else:
+        d_db = divergence_terms(log_p, log_q, p, q, mix, divergence)[1] - q * c
+    return torch.where(c.isnan(), float("nan"), d_db)
+
+
+def softmax_at_1(s: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
+    """softmax(s) of a chunk of rows from their saved raw max and log-sum at T = 1."""
+    return _log_probs(s, st[:, STAT_M_1], st[:, STAT_LS_1], 1.0)[1].exp()
+
+
 def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor],
             divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
             div_vocab: int):
@@ -107,8 +132,8 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
             t, sd = t2[rows].float(), s[:, :div_vocab]
             m_t, ls_a = _max_and_logsum(t, inv_t)
             m_s, ls_b = _max_and_logsum(sd, inv_t)
-            x_a, log_p = _log_probs(t, m_t, ls_a, inv_t)
-            x_b, log_q = _log_probs(sd, m_s, ls_b, inv_t)
+            _, log_p = _log_probs(t, m_t, ls_a, inv_t)
+            _, log_q = _log_probs(sd, m_s, ls_b, inv_t)
             p, q = log_p.exp(), log_q.exp()
             d, h = divergence_terms(log_p, log_q, p, q, mix, divergence)
             if divergence == _ID["reverse_kl"]:
@@ -116,19 +141,20 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
                 # so no term of the size of the logits cancels in the backward's q (term - c).
                 ref = _at_argmax(t, sd)
                 h = torch.where(q > 0, q * _rel_terms(sd, m_s, t, ref, inv_t), 0.0)
-                stats2[rows, 7] = ref
+                stats2[rows, STAT_REF] = ref
             # A row that defines no distribution (NaN, +inf, nothing finite) has no divergence.
             undefined = ~(_defined(m_t, ls_a) & _defined(m_s, ls_b))
             div2[rows] = torch.where(undefined, float("nan"), d.sum(-1))
-            stats2[rows, 0], stats2[rows, 1], stats2[rows, 2], stats2[rows, 3] = m_t, ls_a, m_s, ls_b
-            stats2[rows, 4] = torch.where(undefined, float("nan"), h.sum(-1))
+            stats2[rows, STAT_M_T], stats2[rows, STAT_LS_A] = m_t, ls_a
+            stats2[rows, STAT_M_S], stats2[rows, STAT_LS_B] = m_s, ls_b
+            stats2[rows, STAT_C] = torch.where(undefined, float("nan"), h.sum(-1))
         if with_ce:
             m_1, ls_1 = _max_and_logsum(s, 1.0)
             valid = _valid(y[rows], vocab, ignore_index)
             target = s.gather(-1, torch.where(valid, y[rows], 0).long()[:, None]).squeeze(-1)
             ce_row = torch.where(_defined(m_1, ls_1), (m_1 - target) + ls_1, float("nan"))
             ce2[rows] = torch.where(valid, ce_row, 0.0)
-            stats2[rows, 5], stats2[rows, 6] = m_1, ls_1
+            stats2[rows, STAT_M_1], stats2[rows, STAT_LS_1] = m_1, ls_1
     return div, ce, stats
 
 
@@ -148,18 +174,7 @@ def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tenso
         st = st2[rows]
         out = torch.zeros_like(s)
         if divergence != 0:
-            x_a, log_p = _log_probs(t2[rows].float(), st[:, 0], st[:, 1], inv_t)
-            x_b, log_q = _log_probs(s[:, :div_vocab], st[:, 2], st[:, 3], inv_t)
-            p, q = log_p.exp(), log_q.exp()
-            c = st[:, 4:5]
-            if divergence == _ID["forward_kl"]:
-                d_db = q - p  # h - q c with h = -p, c = -1, without the cancellation
-            elif divergence == _ID["reverse_kl"]:
-                rel = _rel_terms(s[:, :div_vocab], st[:, 2], t2[rows].float(), st[:, 7], inv_t)
-                d_db = torch.where(q > 0, q * (rel - c), 0.0)
-            else:
-                d_db = divergence_terms(log_p, log_q, p, q, mix, divergence)[1] - q * c
-            d_db = torch.where(c.isnan(), float("nan"), d_db)  # a row with no distribution: NaN, however masked
+            d_db = divergence_grad(s[:, :div_vocab], t2[rows].float(), st, mix, divergence, inv_t)
             # where, not multiply: a row weighted out of the divergence may have a NaN or infinite one.
             out[:, :div_vocab] += torch.where(gd[rows, None] != 0, (gd[rows, None] * inv_t) * d_db, 0.0)
         if with_ce:
@@ -169,8 +184,7 @@ def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tenso
             onehot.scatter_(-1, torch.where(valid, y, 0).long()[:, None], valid.float()[:, None])
             # ce is the constant 0 on an ignored label: no gradient, whatever grad_ce says.
             g_ce = torch.where(valid, gc[rows], 0.0)[:, None]
-            softmax_s = _log_probs(s, st[:, 5], st[:, 6], 1.0)[1].exp()
-            out += torch.where(g_ce != 0, g_ce * (softmax_s - onehot), 0.0)
+            out += torch.where(g_ce != 0, g_ce * (softmax_at_1(s, st) - onehot), 0.0)
         # No subnormal leaves the op: GEMMs that consume the gradient run ~10x slower on them (x86).
         g2[rows] = flush_subnormals(out).to(grad.dtype)
     return grad
