@@ -41,13 +41,13 @@ def child(variant: str, n: int, h: int, v: int, repeats: int) -> dict:
     labels = torch.randint(0, v, (n,))
 
     if variant == "fused":
-        from distillkit.fused_linear import fused_linear_distill_loss
+        from distillkit.core.fused_linear import fused_linear_distill_loss
 
         def step(hid, w):
             return fused_linear_distill_loss(hid, w, teacher_hidden, teacher_weight, labels, divergence="jsd",
                                              kl_weight=0.5, ce_weight=0.5, backend="torch")
     elif variant == "eager":
-        from distillkit import reference
+        from distillkit.core import reference
 
         def step(hid, w):
             with torch.no_grad():

@@ -6,7 +6,7 @@
     pytest benchmarks/ --bench-dir out/          # where results.json / results.csv go (default bench-results/)
 
 Not part of the default test run (pyproject's testpaths is tests/). Every measurement, and every
-provider that could not run (with the reason), becomes a row: see distillkit/bench/rows.py.
+provider that could not run (with the reason), becomes a row: see distillkit/tools/bench/rows.py.
 The suite imports only from distillkit.
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit.bench import measure
-from distillkit.bench.cases import OPS, SHAPES, make_case
-from distillkit.bench.providers import all_providers
-from distillkit.bench.rows import DEFAULT_DIR, RowWriter
+from distillkit.tools.bench import measure
+from distillkit.tools.bench.cases import OPS, SHAPES, make_case
+from distillkit.tools.bench.providers import all_providers
+from distillkit.tools.bench.rows import DEFAULT_DIR, RowWriter
 
 # What each --bench-size runs. On CPU the shapes are scaled down (cases.CPU_MAX_ELEMENTS).
 MATRIX = {
@@ -102,7 +102,7 @@ def case(case_spec, device):
 
 def _derived_rows(writer: RowWriter) -> None:
     """Achieved bandwidth / fraction of peak (GPU time + counted traffic) and the modeled H100 time."""
-    from distillkit.bench.cases import Case
+    from distillkit.tools.bench.cases import Case
 
     traffic = {}
     for row in list(writer.rows):

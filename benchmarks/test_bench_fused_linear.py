@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit.bench import measure
-from distillkit.bench.cases import make_linear_case
-from distillkit.bench.providers import fused_linear_providers
+from distillkit.tools.bench import measure
+from distillkit.tools.bench.cases import make_linear_case
+from distillkit.tools.bench.providers import fused_linear_providers
 
 PROVIDERS = [p.name for p in fused_linear_providers()]
 PROVIDER = {p.name: p for p in fused_linear_providers()}

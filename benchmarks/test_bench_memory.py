@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit.bench import measure
-from distillkit.bench.providers import get
+from distillkit.tools.bench import measure
+from distillkit.tools.bench.providers import get
 
 BENCH_KIND = "memory"
 

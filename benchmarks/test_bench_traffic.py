@@ -1,6 +1,6 @@
 """Global-memory traffic per step, in units of one [N, V] logits tensor (N * V * elem bytes).
 
-Counted in a subprocess with TRITON_INTERPRET=1 (distillkit.traffic): Triton kernels lane by lane,
+Counted in a subprocess with TRITON_INTERPRET=1 (distillkit.tools.traffic): Triton kernels lane by lane,
 PyTorch ops by the bytes of their input and output tensors, at N = measure.TRAFFIC_N rows and the
 case's vocabulary. conftest turns each count into a modeled H100 roofline time (bytes / 3.35 TB/s
 at the nominal shape) and, on a GPU, into achieved bandwidth.
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from distillkit.bench import measure
-from distillkit.bench.cases import make_case
-from distillkit.bench.providers import get
+from distillkit.tools.bench import measure
+from distillkit.tools.bench.cases import make_case
+from distillkit.tools.bench.providers import get
 
 BENCH_KIND = "traffic"
 

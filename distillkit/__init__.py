@@ -5,14 +5,14 @@
                                    kl_weight=0.5, ce_weight=0.5)
 """
 
-from . import reference
-from .functional import LossTerms, distill_loss, loss_terms, shift_labels
-from .fused_linear import fused_linear_distill_loss
-from .modules import DistillationLoss, SpanDistillationLoss
-from .spans import PAD_SPAN, Span
-from .teacher_cache import TeacherCache, TeacherCacheError, TopKBatch, write_teacher_cache
-from .topk import distill_loss_topk
-from .vocab import truncate_to_shared_vocab
+from .core import reference
+from .core.functional import LossTerms, distill_loss, loss_terms, shift_labels
+from .core.fused_linear import fused_linear_distill_loss
+from .core.modules import DistillationLoss, SpanDistillationLoss
+from .core.spans import PAD_SPAN, Span
+from .sparse.teacher_cache import TeacherCache, TeacherCacheError, TopKBatch, write_teacher_cache
+from .sparse.topk import distill_loss_topk
+from .core.vocab import truncate_to_shared_vocab
 
 __version__ = "0.2.0"
 

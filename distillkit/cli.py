@@ -15,11 +15,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "compare": ("distillkit.compare", "every available backend against the float64 reference (exit 1 on failure)"),
-    "bench": ("distillkit.bench.report", "run or read the benchmark suite; print a table, draw a comparison"),
-    "env": ("distillkit.envinfo", "what was built and which backends run here"),
-    "kernels": ("distillkit.kernel_report", "register and spill report of the compiled kernels"),
-    "train": ("distillkit.train_cli", "distill a teacher into a student from a YAML config"),
+    "compare": ("distillkit.tools.compare", "every available backend against the float64 reference (exit 1 on failure)"),
+    "bench": ("distillkit.tools.bench.report", "run or read the benchmark suite; print a table, draw a comparison"),
+    "env": ("distillkit.tools.envinfo", "what was built and which backends run here"),
+    "kernels": ("distillkit.tools.kernel_report", "register and spill report of the compiled kernels"),
+    "train": ("distillkit.training.cli", "distill a teacher into a student from a YAML config"),
     "demo": ("distillkit.demo.cli", "end-to-end agent distillation on a synthetic tool-use environment"),
 }
 

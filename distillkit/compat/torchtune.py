@@ -35,7 +35,7 @@ from typing import List
 import torch
 from torch import nn
 
-from ..functional import distill_loss
+from ..core.functional import distill_loss
 
 _ENTROPY_CHUNK_BYTES = 64 * 2**20
 

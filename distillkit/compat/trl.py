@@ -34,7 +34,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..functional import distill_loss
+from ..core.functional import distill_loss
 
 _FUSED_REDUCTIONS = ("batchmean", "sum", "mean")
 

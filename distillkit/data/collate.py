@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..spans import PAD_SPAN
+from ..core.spans import PAD_SPAN
 from .tokenize import IGNORE_INDEX
 
 _REQUIRED = ("input_ids", "labels", "span_ids")

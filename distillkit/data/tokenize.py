@@ -23,7 +23,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Literal, Optional
 
-from ..spans import PAD_SPAN, Span
+from ..core.spans import PAD_SPAN, Span
 from .schema import Trajectory
 
 logger = logging.getLogger("distillkit.data")

@@ -23,7 +23,7 @@ import itertools
 from fractions import Fraction
 from typing import Callable, Mapping, Optional, Sequence
 
-from ..agent import Cascade, Episode, LMPolicy
+from ..agents.agent import Cascade, Episode, LMPolicy
 from .env import Task, check_answer
 
 NUM_BINS = 10

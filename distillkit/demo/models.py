@@ -16,9 +16,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from ..agent import ReActFormat, encode_trajectory
-from ..modules import SpanDistillationLoss
-from ..spans import PAD_SPAN
+from ..agents.agent import ReActFormat, encode_trajectory
+from ..core.modules import SpanDistillationLoss
+from ..core.spans import PAD_SPAN
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>"]
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2

@@ -1,0 +1,369 @@
+"""Logits-free distillation: the loss of `distill_loss` straight from hidden states and LM-head weights.
+
+The [N, V] student and teacher logits are never materialized at once. Token rows are processed in
+chunks; per chunk the op computes the student and teacher logits (two matmuls, the teacher's with no
+gradient), runs the fused row op (`distill_rows`), and, in the same loop, turns the chunk's logits
+gradient (`distill_rows_backward`) into its contributions to the hidden-state, weight and bias
+gradients (two matmuls). The chunk's logits are then dropped.
+
+How the gradient is known before the backward: the loss is linear in the per-row terms,
+
+    loss = sum_r coef_div[r] * D[r] + coef_ce[r] * ce[r]        (reduction "mean" / "sum")
+
+where coef_div = kl_weight * T**2 / denominator and coef_ce = ce_weight / denominator depend on the
+per-token weights, the reduction and the normalizer only, never on the logits. The public function
+computes these coefficients with ordinary (differentiable) tensor ops and hands them to the op, which
+returns the scalar loss and, already in its forward, the gradient of that scalar w.r.t. hidden,
+weight and bias for grad_output = 1. The backward then only scales them by grad_output and returns
+d loss / d coef = grad_output * (D, ce), through which autograd reaches per-token weight tensors and a
+tensor normalizer. For reduction="none" the loss is per row, grad_output is a [N] tensor that the
+forward cannot anticipate, so the backward runs the chunk loop again (a second custom op) with
+per-row coefficients grad_output * coef.
+
+Memory: chunk logits, chunk gradient, the fp32 hidden-gradient [N, H] and weight-gradient [V, H]
+buffers; no [N, V] tensor. Everything is a custom op (opaque to torch.compile, fake implementations
+for shape propagation) with no host-device synchronization (the optional label range check aside).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _checks
+from . import backends
+from . import ops  # noqa: F401  (registers torch.ops.distillkit.distill_rows*)
+from ._checks import DIVERGENCE_IDS, NO_DIVERGENCE, Weight
+from ._reduce import count_active_tokens, mask_ignored_tokens
+from .reference import valid_labels
+from .vocab import check_policy, shared_vocab_size
+
+# Bytes of chunk temporaries per token row, in units of V: student logits + their gradient (input
+# dtype), teacher logits (teacher dtype), and about four fp32 rows of temporaries inside a backend.
+_FP32_TEMPS_PER_ROW = 4
+
+
+def _is_zero(weight: Weight) -> bool:
+    return not isinstance(weight, torch.Tensor) and weight == 0
+
+
+def default_chunk_size(vocab: int, teacher_vocab: int, elem: int, teacher_elem: int, max_chunk_bytes: int) -> int:
+    """The most token rows whose chunk temporaries fit in max_chunk_bytes (at least 1). Independent of the
+    number of rows, so that torch.compile does not specialize on it."""
+    per_row = vocab * (2 * elem + 4 * _FP32_TEMPS_PER_ROW) + teacher_vocab * teacher_elem
+    return int(max(1, max_chunk_bytes // max(per_row, 1)))
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result, accumulated in fp32. CUDA multiplies bf16/fp16 operands with an fp32
+    output; elsewhere they are upcast (CPU low-precision matmuls round partial sums)."""
+    if a.dtype == b.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.device.type == "cuda" and a.dtype == b.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=)
+            return torch.mm(a, b).float()
+    return torch.mm(a.float(), b.float())
+
+
+def _rows_and_grad(s: Tensor, t: Optional[Tensor], y: Optional[Tensor], g_div: Tensor, g_ce: Tensor,
+                   div_id: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+                   backend: str, need_grad: bool):
+    """(D, ce, d(sum g_div D + g_ce ce)/ds) for one chunk of logits. t may cover only the first Vm <= V ids
+    (vocab_mismatch="truncate"): D is then over those ids on both sides, ce over the student's V."""
+    div_vocab = s.shape[-1] if t is None else t.shape[-1]
+    opts = (div_id, mix, temperature, ignore_index, with_ce, div_vocab, backend)
+    d, e, stats = torch.ops.distillkit.distill_rows(s, t, y, *opts)
+    grad = torch.ops.distillkit.distill_rows_backward(g_div, g_ce, s, t, y, stats, *opts) if need_grad else None
+    return d, e, grad
+
+
+def _chunk_loop(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, g_div, g_ce, div_id, mix,
+                temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32,
+                need_hidden, need_weight, need_bias):
+    """Per-row (D, ce) and the gradients of sum_r g_div[r] D[r] + g_ce[r] ce[r] w.r.t. hidden/weight/bias."""
+    n, h = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    div = torch.zeros(n, dtype=torch.float32, device=dev)
+    ce = torch.zeros(n, dtype=torch.float32, device=dev)
+    need_grad = need_hidden or need_weight or need_bias
+    grad_h = torch.zeros((n, h) if need_hidden else (0,), dtype=torch.float32, device=dev)
+    gw_dtype = torch.float32 if grad_weight_fp32 else weight.dtype
+    grad_w = torch.zeros((vocab, h) if need_weight else (0,), dtype=gw_dtype, device=dev)
+    grad_b = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=dev)
+    # Off CUDA (where low-precision matmuls round partial sums), bf16/fp16 chunk logits go to the row op
+    # as fp32 (exactly the same values) so that their gradient stays fp32, and the hidden gradient
+    # multiplies by an fp32 copy of the weight, made once. On CUDA the logits gradient is materialized
+    # in the input dtype, like an unfused model's, and multiplied with fp32 accumulation and output.
+    upcast = weight.dtype != torch.float32 and dev.type != "cuda"
+    weight_for_grad = weight.float() if upcast and need_hidden else weight
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            x = hidden[rows]
+            s = F.linear(x, weight, bias)
+            s = s.float() if upcast else s
+            t = F.linear(t_hidden[rows], t_weight, t_bias) if div_id != NO_DIVERGENCE else None
+            y = labels[rows] if with_ce else None
+            d, e, g = _rows_and_grad(s, t, y, g_div[rows], g_ce[rows], div_id, mix, temperature,
+                                     ignore_index, with_ce, backend, need_grad)
+            div[rows], ce[rows] = d, e
+            del s, t
+            if need_hidden:
+                grad_h[rows] = _mm_fp32(g, weight_for_grad)
+            if need_weight:
+                if g.dtype == x.dtype == gw_dtype:  # fp32 (or low precision without fp32 accumulation)
+                    grad_w.addmm_(g.t(), x)
+                elif grad_weight_fp32:
+                    grad_w += _mm_fp32(g.t(), x)
+                else:
+                    grad_w.addmm_(g.t().to(gw_dtype), x)
+            if need_bias:
+                grad_b += g.float().sum(0)
+    return div, ce, grad_h, grad_w, grad_b
+
+
+# -- custom ops -------------------------------------------------------------------------------------
+
+@torch.library.custom_op("distillkit::fused_linear_distill", mutates_args=())
+def fused_linear_distill(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_hidden: Optional[Tensor],
+    t_weight: Optional[Tensor], t_bias: Optional[Tensor], labels: Optional[Tensor],
+    coef_div: Tensor, coef_ce: Tensor, divergence: int, mix: float, temperature: float, ignore_index: int,
+    with_ce: bool, backend: str, chunk_size: int, reduce: bool, grad_weight_fp32: bool,
+    need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, D [N], ce [N], grad_hidden, grad_weight, grad_bias).
+
+    hidden [N, H], weight [V, H], t_hidden [N, Ht], t_weight [Vm, Ht] with Vm <= V, coef_* [N] fp32.
+    loss = sum_r coef_div D + coef_ce ce (0-dim) when reduce, else per row [N]. The three gradients are
+    those of the reduced loss for grad_output = 1 (fp32; grad_weight in the weight dtype when not
+    grad_weight_fp32), computed only when reduce and requested, else empty.
+    """
+    grads = reduce and (need_hidden or need_weight or need_bias)
+    div, ce, gh, gw, gb = _chunk_loop(
+        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, mix,
+        temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32,
+        grads and need_hidden, grads and need_weight, grads and need_bias)
+    rows = torch.where(coef_div != 0, coef_div * div, 0.0) + torch.where(coef_ce != 0, coef_ce * ce, 0.0)
+    return rows.sum() if reduce else rows, div, ce, gh, gw, gb
+
+
+def _grad_shapes(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return (hidden.new_empty((n, h) if reduce and need_hidden else (0,), **f32),
+            hidden.new_empty((v, h) if reduce and need_weight else (0,),
+                             dtype=torch.float32 if grad_weight_fp32 else weight.dtype, device=hidden.device),
+            hidden.new_empty((v,) if reduce and need_bias else (0,), **f32))
+
+
+@fused_linear_distill.register_fake
+def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, mix,
+      temperature, ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, need_hidden,
+      need_weight, need_bias):
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    loss = hidden.new_empty((), **f32) if reduce else hidden.new_empty((n,), **f32)
+    return (loss, hidden.new_empty((n,), **f32), hidden.new_empty((n,), **f32),
+            *_grad_shapes(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias))
+
+
+@torch.library.custom_op("distillkit::fused_linear_distill_backward", mutates_args=())
+def fused_linear_distill_backward(
+    grad_div: Tensor, grad_ce: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+    t_hidden: Optional[Tensor], t_weight: Optional[Tensor], t_bias: Optional[Tensor], labels: Optional[Tensor],
+    divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool, backend: str,
+    chunk_size: int, grad_weight_fp32: bool, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_r grad_div[r] D[r] + grad_ce[r] ce[r] (recomputes the chunks' logits)."""
+    _, _, gh, gw, gb = _chunk_loop(
+        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, grad_div, grad_ce, divergence, mix,
+        temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32, need_hidden, need_weight,
+        need_bias)
+    return gh, gw, gb
+
+
+@fused_linear_distill_backward.register_fake
+def _(grad_div, grad_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, divergence, mix,
+      temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32, need_hidden, need_weight,
+      need_bias):
+    return _grad_shapes(hidden, weight, True, grad_weight_fp32, need_hidden, need_weight, need_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, mix, temperature,
+     ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, *_) = inputs
+    _, div, ce, gh, gw, gb = output
+    ctx.reduce = reduce
+    ctx.options = (divergence, mix, temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.has_bias = bias is not None
+    if reduce:
+        ctx.save_for_backward(div, ce, gh, gw, gb)
+    else:
+        ctx.save_for_backward(div, ce, coef_div, coef_ce, hidden, weight, bias, t_hidden, t_weight, t_bias,
+                              labels)
+    ctx.mark_non_differentiable(div, ce, gh, gw, gb)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    need = ctx.needs_input_grad
+    h_dtype, w_dtype, b_dtype = ctx.dtypes
+    if ctx.reduce:
+        div, ce, gh, gw, gb = ctx.saved_tensors
+        g_hidden = (grad_loss * gh).to(h_dtype) if need[0] else None
+        g_weight = (grad_loss * gw).to(w_dtype) if need[1] else None
+        g_bias = (grad_loss * gb).to(b_dtype) if ctx.has_bias and need[2] else None
+    else:
+        div, ce, coef_div, coef_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels = ctx.saved_tensors
+        g_div = torch.where(coef_div != 0, grad_loss * coef_div, 0.0)
+        g_ce = torch.where(coef_ce != 0, grad_loss * coef_ce, 0.0)
+        gh, gw, gb = fused_linear_distill_backward(
+            g_div, g_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, *ctx.options,
+            bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2]))
+        g_hidden = gh.to(h_dtype) if need[0] else None
+        g_weight = gw.to(w_dtype) if need[1] else None
+        g_bias = gb.to(b_dtype) if ctx.has_bias and need[2] else None
+    g_coef_div = grad_loss * div if need[7] else None
+    g_coef_ce = grad_loss * ce if need[8] else None
+    return (g_hidden, g_weight, g_bias, None, None, None, None, g_coef_div, g_coef_ce) + (None,) * 12
+
+
+fused_linear_distill.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public function --------------------------------------------------------------------------------
+
+def _check_linear(name_h: str, hidden, name_w: str, weight, name_b: str, bias) -> None:
+    _checks.check_logits(name_h, hidden)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name_w} must be a 2-D tensor [V, H]")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name_w} has shape {tuple(weight.shape)} but {name_h} has hidden size "
+                         f"{hidden.shape[-1]}; expected [V, {hidden.shape[-1]}]")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"{name_w} ({weight.dtype}, {weight.device}) must have the dtype and device of "
+                         f"{name_h} ({hidden.dtype}, {hidden.device})")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype
+                             or bias.device != hidden.device):
+        raise ValueError(f"{name_b} must be a [{weight.shape[0]}] tensor of {hidden.dtype} on {hidden.device}; "
+                         f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+
+
+def _row_coefficient(weight: Weight, lead_shape, scale: float, device) -> Tensor:
+    if isinstance(weight, torch.Tensor):
+        w = weight.to(torch.float32)
+        # where(): a token of weight 0 stays at exactly 0 (and gives its weight no gradient) even if its D is inf.
+        return torch.where(w != 0, w * scale, 0.0).expand(lead_shape)
+    return torch.full(lead_shape, float(weight) * scale, dtype=torch.float32, device=device)
+
+
+def fused_linear_distill_loss(
+    student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor],
+    teacher_weight: Optional[Tensor], labels: Optional[Tensor] = None, *,
+    student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+    divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
+    temperature_scaling: bool = True, kl_weight: Weight = 1.0, ce_weight: Weight = 0.0,
+    ignore_index: int = -100, reduction: str = "mean", normalizer=None, backend: str = "auto",
+    check_labels: bool = True, vocab_mismatch: str = "error", chunk_size: Optional[int] = None,
+    max_chunk_bytes: int = 256 * 2**20, grad_weight_fp32: bool = True, divergence_on_ignored: bool = False,
+) -> Tensor:
+    """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
+    teacher_bias, labels, ...)` without materializing the [N, V] logits.
+
+    Args:
+        student_hidden: [..., H] float32/float16/bfloat16 final hidden states; receives a gradient.
+        student_weight: [V, H] LM head (same dtype); receives a gradient. student_bias: [V] or None.
+        teacher_hidden, teacher_weight, teacher_bias: [..., Ht], [Vt, Ht], [Vt] or None; constants. May be
+            None when kl_weight == 0.0 (CE only).
+        labels, divergence, beta, skew, temperature, temperature_scaling, kl_weight, ce_weight, ignore_index,
+            reduction, normalizer, backend, check_labels, divergence_on_ignored: exactly as in
+            `distillkit.distill_loss` (by default a token whose label is ignore_index takes part in no term).
+        vocab_mismatch: "error" (Vt != V raises) | "truncate" (the divergence compares the distributions over
+            the shared first min(V, Vt) ids; CE keeps the student's full vocabulary). See distillkit.core.vocab.
+        chunk_size: token rows per chunk; default: the most that keep the chunk temporaries within
+            max_chunk_bytes.
+        grad_weight_fp32: accumulate the LM-head gradient over chunks in fp32 (default; returned in the weight
+            dtype) or directly in the weight dtype (saves V * H * 2 bytes for bf16 weights, less exact).
+    Returns:
+        The loss in float32: a scalar, or the leading shape for reduction="none".
+    """
+    _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                          reduction=reduction, backend=backend)
+    check_policy(vocab_mismatch)
+    _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    lead, hidden_size = student_hidden.shape[:-1], student_hidden.shape[-1]
+    vocab, device = student_weight.shape[0], student_hidden.device
+    _checks.check_weight("kl_weight", kl_weight, lead, device)
+    _checks.check_weight("ce_weight", ce_weight, lead, device)
+    _checks.check_normalizer(normalizer)
+    with_div = not _is_zero(kl_weight)
+    with_ce = labels is not None and not _is_zero(ce_weight)
+    if labels is None and not _is_zero(ce_weight):
+        raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
+    if vocab == 0:
+        raise ValueError("student_weight has an empty vocabulary dimension")
+    if with_div:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden/teacher_weight is None: pass the teacher, or kl_weight=0.0 for CE only")
+        _check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
+                      teacher_bias)
+        if teacher_hidden.shape[:-1] != lead or teacher_hidden.device != device:
+            raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} on "
+                             f"{teacher_hidden.device} does not match student_hidden {tuple(lead)} on {device}")
+        vm = shared_vocab_size(vocab, teacher_weight.shape[0], vocab_mismatch)
+        if teacher_weight.shape[0] > vm:  # the teacher's extra ids are never computed
+            teacher_weight = teacher_weight[:vm]
+            teacher_bias = None if teacher_bias is None else teacher_bias[:vm]
+    else:
+        teacher_hidden = teacher_weight = teacher_bias = None
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError("labels must be an integer tensor (int64)")
+        if labels.shape != lead:
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but must match the leading shape "
+                             f"{tuple(lead)} of student_hidden")
+        if with_ce and check_labels and not torch.compiler.is_compiling():
+            _checks.check_label_range(labels, vocab, ignore_index)
+
+    valid = valid_labels(labels, vocab, ignore_index) if labels is not None else None
+    kl_weight = mask_ignored_tokens(kl_weight, valid, divergence_on_ignored) if with_div else kl_weight
+    n = lead.numel()
+    scale = temperature**2 if temperature_scaling else 1.0
+    coef_div = _row_coefficient(kl_weight if with_div else 0.0, lead, scale, device)
+    coef_ce = _row_coefficient(ce_weight if with_ce else 0.0, lead, 1.0, device)
+    if reduction == "mean":
+        if normalizer is None:
+            like = torch.zeros(lead, dtype=torch.float32, device=device)
+            denom = count_active_tokens(like, valid, kl_weight, ce_weight).clamp_min(1)
+        else:
+            denom = normalizer
+        coef_div, coef_ce = coef_div / denom, coef_ce / denom
+    if chunk_size is None:
+        t_elem = teacher_hidden.element_size() if with_div else 0
+        t_vocab = teacher_weight.shape[0] if with_div else 0
+        chunk_size = default_chunk_size(vocab, t_vocab, student_hidden.element_size(), t_elem, max_chunk_bytes)
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+
+    grad_on = torch.is_grad_enabled()
+    loss, *_ = fused_linear_distill(
+        student_hidden.reshape(n, hidden_size), student_weight, student_bias,
+        teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1]) if with_div else None,
+        teacher_weight.detach() if with_div else None,
+        teacher_bias.detach() if teacher_bias is not None else None,
+        labels.reshape(n).long() if with_ce else None,
+        coef_div.reshape(n), coef_ce.reshape(n),
+        DIVERGENCE_IDS[divergence] if with_div else NO_DIVERGENCE, float(beta if divergence == "jsd" else skew),
+        float(temperature), int(ignore_index), bool(with_ce), backends.resolve(backend, device), int(chunk_size),
+        reduction != "none", bool(grad_weight_fp32),
+        grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad)
+    return loss if reduction != "none" else loss.reshape(lead)
