@@ -46,13 +46,13 @@ def _grad_of(loss_fn):
 
 def native_forward(student, teacher):
     """(div, ce, stats) of forward KL at T = 1, no CE."""
-    return torch.ops.distillkit_ext.rows_forward(student, teacher, None, 1, 0.0, 1.0, -100, False)
+    return torch.ops.distillkit_ext.rows_forward(student, teacher, None, 1, 0.0, 0.0, 1.0, -100, False, V)
 
 
 def native_backward(student, teacher, stats):
     grad_div = torch.full((N,), 1.0 / N)  # batchmean
     return torch.ops.distillkit_ext.rows_backward(grad_div, torch.zeros(N), student, teacher, None, stats, 1, 0.0,
-                                                  1.0, -100, False)
+                                                  0.0, 1.0, -100, False, V)
 
 
 def native_step(student, teacher):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_helpers import measured_peak
 
 from distillkit.tools.bench import measure
 from distillkit.tools.bench.cases import make_linear_case
@@ -63,19 +64,6 @@ def test_fused_linear_peak_memory(linear_case, provider_name, device, writer):
         writer.skip(case, provider_name, mode, "peak_memory", reason)
         pytest.skip(reason)
     logits_mib = case.unit_bytes / 2**20
-    if device == "cuda":
-        try:
-            loss_fn, inputs = measure.prepare(provider, case, device)
-            extra = measure.cuda_peak(loss_fn, inputs, mode)
-        except torch.cuda.OutOfMemoryError as exc:
-            writer.add(case, provider_name, mode, "peak_memory", None, "MiB", status="oom",
-                       note=str(exc).splitlines()[0])
-            pytest.skip("out of memory")
-    else:
-        result = measure.peak_rss(provider_name, case, mode)
-        if "error" in result:
-            writer.skip(case, provider_name, mode, "peak_memory", result["error"])
-            pytest.skip(result["error"])
-        extra = result["extra_bytes"]
+    extra = measured_peak(provider, case, mode, device, writer)
     writer.add(case, provider_name, mode, "peak_memory", extra / 2**20, "MiB",
                note=f"H={case.hidden}; above the inputs; one [N, V] logits tensor = {logits_mib:.0f} MiB")

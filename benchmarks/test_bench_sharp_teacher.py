@@ -21,8 +21,8 @@ import time
 import pytest
 import torch
 
-from distillkit.tools.bench.cases import Case
 from distillkit.core.fused_linear import fused_linear_distill_loss
+from distillkit.tools.bench.cases import Case
 
 N, H, V = 2048, 512, 32000
 LOGIT_STD = 22.0

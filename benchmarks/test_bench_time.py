@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_helpers import measurable
 
 from distillkit.tools.bench import measure
-from distillkit.tools.bench.providers import get
 
 BENCH_KIND = "time"
 
 
 def test_time(benchmark, case, provider_name, mode, device, matrix, writer):
-    provider = get(provider_name)
-    reason = provider.unavailable(case, device, "time")
-    if reason is None and provider.kind == "compile" and case.op not in matrix["compile_ops"]:
-        reason = f"torch.compile timed only for {matrix['compile_ops']} at this --bench-size (compile time)"
-    if reason:
-        writer.skip(case, provider_name, mode, "time", reason)
-        pytest.skip(reason)
+    provider = measurable(provider_name, case, mode, device, matrix, writer, "time")
     benchmark.group = f"{case.op} {case.n}x{case.v} {case.dtype} {mode}"
     benchmark.extra_info.update(case.as_dict(), provider=provider_name, mode=mode)
     try:
@@ -34,20 +28,12 @@ def test_time(benchmark, case, provider_name, mode, device, matrix, writer):
 
     def setup():
         args = measure.fresh_student(inputs)
-        if mode == "backward":
-            loss = loss_fn(*args)
-            measure.sync(device)
-            return (loss, *args), {}
+        loss = measure.before_step(loss_fn, args, mode)
         measure.sync(device)
-        return (None, *args), {}
+        return (loss, *args), {}
 
     def target(loss, *args):
-        if mode == "backward":
-            loss.backward()
-        else:
-            loss = loss_fn(*args)
-            if mode == "forward+backward":
-                loss.backward()
+        measure.step(loss_fn, args, mode, loss)
         measure.sync(device)
 
     rounds = 10 if device == "cuda" else 3

@@ -10,11 +10,13 @@
 //   ids 1, 2: one pass; per chunk the running maxima move to the chunk's max,
 //     the sums are rescaled, then z_a, z_b and w += sum e^((x-m_x)/T)((x-m_x)-(y-ref))
 //     (x = t for forward KL, s for reverse KL; ref = y at x's argmax: distill_math.h, kl_move).
-//   ids 3..6: pass 1 the two (m, z), pass 2 D = sum d_j and c = sum h_j.
-//   CE: (m_1, z_1) at T = 1 from the same chunks (those of s when T == 1).
+//   ids 3..7: pass 1 the two (m, z), pass 2 D = sum d_j and c = sum h_j.
+//   The divergence reads ids [0, div_vocab) of both rows, CE the student's whole row.
+//   CE: (m_1, z_1) at T = 1 from the same chunks (those of s when T == 1 and div_vocab == V).
 //   Then the explicit non-finite checks (div_bad; ls_1).
 // Backward, per row, one pass:
-//   grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)),
+//   grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), the first term
+//   over [0, div_vocab) only,
 //   every entry below the output dtype's smallest normal stored as 0;
 //   rows with grad_div == grad_ce == 0 are zero-filled without reading.
 #include <ATen/Parallel.h>
@@ -47,25 +49,37 @@ struct Args : RowInputs {
   float* ce;
   float* stats;  // [N, 8]: m_t, ls_a, m_s, ls_b, c, m_1, ls_1, ref (maxima raw: no 1/T rounding in them)
   void* grad;    // [N, V] contiguous, student dtype
+  MixParams mp;  // DivParams<DIV>: mp, or ab for alpha-beta (params<DIV>)
+  AlphaBetaParams ab;
+
+  template <int DIV>
+  const DivParams<DIV>& params() const {
+    if constexpr (DIV == kAlphaBeta) return ab;
+    else return mp;
+  }
 };
 
 template <int DIV, typename TS, typename TT>
 void forward_rows(const Args& a, int64_t begin, int64_t end) {
   alignas(64) float A[kChunk], B[kChunk], S[kChunk];
-  const int64_t V = a.vocab;
+  const int64_t V = a.vocab, Vd = a.div_vocab;  // Vd = 0 without a divergence
   const float it = a.inv_t;
   const bool t1 = it == 1.0f;
-  const bool ce_own = a.with_ce && (DIV == kNone || !t1);  // else (m_1, z_1) = (m_b, z_b)
+  // else (m_1, z_1) = (m_b, z_b): the same sums when the divergence covers the whole row at T = 1
+  const bool ce_own = a.with_ce && (DIV == kNone || !t1 || Vd != V);
   for (int64_t row = begin; row < end; ++row) {
     const TS* s = static_cast<const TS*>(a.student) + row * a.s_stride;
     const TT* t = DIV != kNone ? static_cast<const TT*>(a.teacher) + row * a.t_stride : nullptr;
     float m_a = kNegInf, z_a = 0.0f, m_b = kNegInf, z_b = 0.0f, w = 0.0f, ref = 0.0f, m_s = kNegInf, z_s = 0.0f;
     for (int64_t start = 0; start < V; start += kChunk) {
-      const int64_t n = std::min(kChunk, V - start), np = padded(n);
-      if constexpr (is_online(DIV)) {
+      const int64_t n = std::min(kChunk, V - start);
+      const int64_t nd = std::min(n, Vd - start), np = padded(nd);  // the chunk's divergence ids: [0, nd)
+      if (nd <= 0) {
+        // past div_vocab (or no divergence): CE only, below
+      } else if constexpr (is_online(DIV)) {
         // x weights the log-ratio (the teacher for forward KL, the student for reverse KL), y is the other
         constexpr bool fwd = DIV == kForwardKL;
-        const float ca = load_chunk(t + start, n, 0.0f, A), cb = load_chunk(s + start, n, 0.0f, B);
+        const float ca = load_chunk(t + start, nd, 0.0f, A), cb = load_chunk(s + start, nd, 0.0f, B);
         const float* X = fwd ? A : B;
         const float* Y = fwd ? B : A;
         const float cx = fwd ? ca : cb, cy = fwd ? cb : ca;
@@ -75,7 +89,7 @@ void forward_rows(const Args& a, int64_t begin, int64_t end) {
         float& z_y = fwd ? z_b : z_a;
         float ref_new = ref;
         if (cx > m_x) {  // the chunk moves the max: ref becomes y there (unless that is -inf)
-          const float r = y_at_max(X, Y, n, cx);
+          const float r = y_at_max(X, Y, nd, cx);
           if (r > kNegInf) ref_new = r;
         }
         const float rx = kl_move(m_x, z_x, w, ref, fmax2(m_x, cx), ref_new, it);
@@ -87,9 +101,9 @@ void forward_rows(const Args& a, int64_t begin, int64_t end) {
         z_x += sums[0];
         w += sums[1];
         z_y += sums[2];
-      } else if constexpr (DIV != kNone) {
-        const float na = fmax2(m_a, load_chunk(t + start, n, 0.0f, A));
-        const float nb = fmax2(m_b, load_chunk(s + start, n, 0.0f, B));
+      } else if constexpr (is_two_pass(DIV)) {
+        const float na = fmax2(m_a, load_chunk(t + start, nd, 0.0f, A));
+        const float nb = fmax2(m_b, load_chunk(s + start, nd, 0.0f, B));
         const float ra = safe_ref(na), rb = safe_ref(nb);
         z_a *= shift_scale(m_a, ra, it);
         z_b *= shift_scale(m_b, rb, it);
@@ -99,11 +113,13 @@ void forward_rows(const Args& a, int64_t begin, int64_t end) {
         sum_exp2(A, B, np, ra, rb, it, sums);
         z_a += sums[0];
         z_b += sums[1];
+      } else {
+        static_assert(DIV == kNone, "forward_rows: a divergence id that is neither one- nor two-pass");
       }
       if (ce_own) {
         const float ns = fmax2(m_s, load_chunk(s + start, n, 0.0f, S));
         const float rs = safe_ref(ns);
-        z_s = z_s * shift_scale(m_s, rs, 1.0f) + sum_exp(S, np, rs, 1.0f);
+        z_s = z_s * shift_scale(m_s, rs, 1.0f) + sum_exp(S, padded(n), rs, 1.0f);
         m_s = ns;
       }
     }
@@ -128,16 +144,16 @@ void forward_rows(const Args& a, int64_t begin, int64_t end) {
     } else if constexpr (DIV == kReverseKL) {
       c = reverse_kl_c(w, z_b, it);
       d = reverse_kl_div(c, m_a, ref, ls_a, ls_b, it);
-    } else if constexpr (DIV != kNone) {
+    } else if constexpr (is_two_pass(DIV)) {
       if (!bad) {
         // chunk sums added in double: a row of 256-element chunks has hundreds of them
         double sums[2] = {0.0, 0.0};
         const RowStats rs{ls_a, ls_b, 0.0f, it};
-        for (int64_t start = 0; start < V; start += kChunk) {
-          const int64_t n = std::min(kChunk, V - start);
+        for (int64_t start = 0; start < Vd; start += kChunk) {
+          const int64_t n = std::min(kChunk, Vd - start);
           load_chunk(t + start, n, m_a, A);
           load_chunk(s + start, n, m_b, B);
-          mix_sums<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), padded(n), rs, a.mp,
+          mix_sums<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), padded(n), rs, a.params<DIV>(),
                         static_cast<double*>(sums));
         }
         d = static_cast<float>(sums[0]);
@@ -180,39 +196,54 @@ void backward_rows(const Args& a, int64_t begin, int64_t end) {
     const float* st = a.stats + row * 8;
     // Skip, not multiply by 0: a row weighted out of the divergence may have an infinite one.
     const bool use_div = DIV != kNone && gd != 0.0f;
-    if (use_div && st[4] != st[4]) {  // c is NaN: the row has no divergence, and so no gradient
-      std::fill(g, g + V, static_cast<TS>(kNaN));
-      continue;
-    }
+    // [0, Vd): divergence (+ CE) ids; [Vd, V): CE only
+    const int64_t Vd = use_div ? a.div_vocab : 0;
     const RowStats rs{st[1], st[3], st[4], a.inv_t};
     const float m_1 = st[5], ls_1 = st[6];
-    const bool ce_fold = use_div && t1;  // softmax(s) is q: one exp less
+    const bool ce_fold = use_div && t1 && Vd == V;  // softmax(s) is q: one exp less
     const bool ce_after = gc != 0.0f && !ce_fold;
     const float coef = gd * a.inv_t;
     // The buffers hold t - m_t (t - ref for reverse KL: grad_div_impl) and s - m_s.
     const float shift_a = DIV == kReverseKL ? st[7] : st[0], shift_b = st[2];
     const bool reuse_b = m_1 == shift_b;  // B already holds s - m_1 for the CE term
-    for (int64_t start = 0; start < V; start += kChunk) {
-      const int64_t n = std::min(kChunk, V - start);
-      // fp32 gradients are written in place; the others go through O and one conversion.
-      float* out = direct ? reinterpret_cast<float*>(g + start) : static_cast<float*>(O);
-      const int64_t cnt = direct ? n : padded(n);
-      // Whichever loop writes an entry last flushes it.
-      if (use_div) {
-        load_chunk(t + start, n, shift_a, A);
-        load_chunk(s + start, n, shift_b, B);
-        grad_div<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), cnt, rs, coef,
-                      ce_fold ? gc : 0.0f, ce_after ? 0.0f : thr, a.mp, out);
-        if (ce_after) {
-          if (!reuse_b) load_chunk(s + start, n, m_1, B);
-          grad_ce(static_cast<const float*>(B), cnt, ls_1, gc, true, thr, out);
-        }
-      } else {
-        load_chunk(s + start, n, m_1, A);
-        grad_ce(A, cnt, ls_1, gc, false, thr, out);
-      }
+    // The label's entry is the last one written: - gc, then the flush.
+    auto one_hot = [&](float* out, int64_t start, int64_t n) {
       if (y >= start && y < start + n) out[y - start] = flush(out[y - start] - gc, thr);
-      if (!direct) store_chunk(out, n, g + start);
+    };
+    if constexpr (DIV != kNone) {
+      if (use_div && st[4] != st[4]) {  // c is NaN: the row has no divergence, and so no gradient
+        std::fill(g, g + Vd, static_cast<TS>(kNaN));
+      } else {
+        for (int64_t start = 0; start < Vd; start += kChunk) {
+          const int64_t n = std::min(kChunk, Vd - start);
+          // fp32 gradients are written in place; the others go through O and one conversion.
+          float* out = direct ? reinterpret_cast<float*>(g + start) : static_cast<float*>(O);
+          const int64_t cnt = direct ? n : padded(n);
+          // Whichever loop writes an entry last flushes it.
+          load_chunk(t + start, n, shift_a, A);
+          load_chunk(s + start, n, shift_b, B);
+          grad_div<DIV>(static_cast<const float*>(A), static_cast<const float*>(B), cnt, rs, coef,
+                        ce_fold ? gc : 0.0f, ce_after ? 0.0f : thr, a.params<DIV>(), out);
+          if (ce_after) {
+            if (!reuse_b) load_chunk(s + start, n, m_1, B);
+            grad_ce(static_cast<const float*>(B), cnt, ls_1, gc, true, thr, out);
+          }
+          one_hot(out, start, n);
+          if (!direct) store_chunk(out, n, g + start);
+        }
+      }
+    }
+    if (gc == 0.0f) {  // past div_vocab with no CE
+      std::memset(static_cast<void*>(g + Vd), 0, (V - Vd) * sizeof(TS));
+    } else {
+      for (int64_t start = Vd; start < V; start += kChunk) {
+        const int64_t n = std::min(kChunk, V - start);
+        float* out = direct ? reinterpret_cast<float*>(g + start) : static_cast<float*>(O);
+        load_chunk(s + start, n, m_1, A);
+        grad_ce(A, direct ? n : padded(n), ls_1, gc, false, thr, out);
+        one_hot(out, start, n);
+        if (!direct) store_chunk(out, n, g + start);
+      }
     }
   }
 }
@@ -275,11 +306,15 @@ void parallel_rows(int64_t n, int64_t vocab, const F& body) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cpu(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-    int64_t divergence, double mix, double temperature, int64_t ignore_index, bool with_ce) {
-  const Rows r = check_rows_forward(student, teacher, labels, divergence, mix, temperature, with_ce, at::kCPU);
+    int64_t divergence, double param_a, double param_b, double temperature, int64_t ignore_index, bool with_ce,
+    int64_t div_vocab) {
+  const Rows r = check_rows_forward(student, teacher, labels, divergence, param_a, param_b, temperature, with_ce,
+                                    div_vocab, at::kCPU);
   const auto opts = student.options().dtype(at::kFloat);
   at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 8}, opts);
-  Args a{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
+  Args a{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
+  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(param_a));
+  if (divergence == kAlphaBeta) a.ab = make_alpha_beta(param_a, param_b);
   a.div = div.data_ptr<float>();
   a.ce = ce.data_ptr<float>();
   a.stats = stats.data_ptr<float>();
@@ -292,12 +327,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cpu(
   return {div, ce, stats};
 }
 
-// The rows of the backward into `grad` ([N, V], contiguous, student dtype; checked by the callers).
-void backward_into(const Rows& r, at::Tensor& grad, const at::Tensor& grad_div, const at::Tensor& grad_ce,
-                   const at::Tensor& student, const std::optional<at::Tensor>& teacher,
-                   const std::optional<at::Tensor>& labels, const at::Tensor& stats, int64_t divergence, double mix,
-                   double temperature, int64_t ignore_index, bool with_ce) {
-  Args a{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
+at::Tensor rows_backward_cpu(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+                             const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+                             const at::Tensor& stats, int64_t divergence, double param_a, double param_b,
+                             double temperature, int64_t ignore_index, bool with_ce, int64_t div_vocab) {
+  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, param_a,
+                                     param_b, temperature, with_ce, div_vocab, at::kCPU);
+  at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
+  prepare_output(grad.data_ptr(), grad.nbytes());
+  Args a{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
+  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(param_a));
+  if (divergence == kAlphaBeta) a.ab = make_alpha_beta(param_a, param_b);
   a.grad_div = grad_div.data_ptr<float>();
   a.grad_ce = grad_ce.data_ptr<float>();
   a.gd_stride = grad_div.stride(0);
@@ -310,29 +350,7 @@ void backward_into(const Rows& r, at::Tensor& grad, const at::Tensor& grad_div, 
     using TT = typename decltype(t_tag)::type;
     parallel_rows(r.n, r.vocab, [&](int64_t b, int64_t e) { backward_rows<decltype(d)::value, TS, TT>(a, b, e); });
   });
-}
-
-at::Tensor rows_backward_cpu(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
-                             const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                             const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                             int64_t ignore_index, bool with_ce) {
-  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
-                                     temperature, with_ce, at::kCPU);
-  at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
-  prepare_output(grad.data_ptr(), grad.nbytes());
-  backward_into(r, grad, grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
-                ignore_index, with_ce);
   return grad;
-}
-
-void rows_backward_into_cpu(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
-                            const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                            const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                            int64_t ignore_index, bool with_ce, at::Tensor& out) {
-  const Rows r = check_rows_backward_into(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
-                                          temperature, with_ce, out, at::kCPU);
-  backward_into(r, out, grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
-                ignore_index, with_ce);
 }
 
 }  // namespace distillkit::cpu
@@ -340,5 +358,4 @@ void rows_backward_into_cpu(const at::Tensor& grad_div, const at::Tensor& grad_c
 TORCH_LIBRARY_IMPL(distillkit_ext, CPU, m) {
   m.impl("rows_forward", &distillkit::cpu::rows_forward_cpu);
   m.impl("rows_backward", &distillkit::cpu::rows_backward_cpu);
-  m.impl("rows_backward_into", &distillkit::cpu::rows_backward_into_cpu);
 }

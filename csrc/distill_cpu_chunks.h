@@ -240,16 +240,16 @@ DK_CLONES float y_at_max(const float* __restrict x, const float* __restrict y, i
   return r;
 }
 
-// -- pass 2 of the mixtures: out += (sum d_j, sum h_j); a = t - m_a, b = s - m_b -----
-template <int DIV>
+// -- pass 2 of the two-pass divergences: out += (sum d_j, sum h_j); a = t - m_a, b = s - m_b -----
+template <int DIV, int FORM>
 DK_INLINE void mix_sums_impl(const float* __restrict a, const float* __restrict b, int64_t n, RowStats rs,
-                             MixParams mp, double* out) {
+                             DivParams<DIV> dp, double* out) {
   float dsum = 0.0f, csum = 0.0f;
 #pragma omp simd reduction(+ : dsum, csum)
   for (int64_t i = 0; i < n; ++i) {
     const float lp = a[i] * rs.inv_t - rs.ls_a, lq = b[i] * rs.inv_t - rs.ls_b;
     float d, h;
-    div_terms<DIV>(lp, lq, fexp(lp), fexp(lq), mp, d, h);
+    div_terms<DIV, FORM>(lp, lq, fexp(lp), fexp(lq), dp, d, h);
     dsum += d;
     csum += h;
   }
@@ -259,30 +259,48 @@ DK_INLINE void mix_sums_impl(const float* __restrict a, const float* __restrict 
 
 // -- backward: out = coef (h - q c) + ce_coef q (softmax(s) = q when T == 1), flushed below thr --
 // b = s - m_s, a = t - m_t (t - ref for reverse KL, whose rel = (b - a) / T: div_grad).
-template <int DIV>
+template <int DIV, int FORM>
 DK_INLINE void grad_div_impl(const float* __restrict a, const float* __restrict b, int64_t n, RowStats rs,
-                             float coef, float ce_coef, float thr, MixParams mp, float* __restrict out) {
+                             float coef, float ce_coef, float thr, DivParams<DIV> dp, float* __restrict out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float lp = a[i] * rs.inv_t - rs.ls_a, lq = b[i] * rs.inv_t - rs.ls_b;  // lp: dead for reverse KL
     const float p = fexp(lp), q = fexp(lq);
     const float rel = (b[i] - a[i]) * rs.inv_t;  // reverse KL only
-    out[i] = flush(coef * div_grad<DIV>(lp, lq, p, q, rel, rs.c, mp) + ce_coef * q, thr);
+    out[i] = flush(coef * div_grad<DIV, FORM>(lp, lq, p, q, rel, rs.c, dp) + ce_coef * q, thr);
   }
 }
 
+// One clone set per divergence.
 #define DK_MIX(D)                                                                                      \
-  DK_CLONES void mix_sums_##D(const float* a, const float* b, int64_t n, RowStats rs, MixParams mp,    \
+  DK_CLONES void mix_sums_##D(const float* a, const float* b, int64_t n, RowStats rs, DivParams<D> dp, \
                               double* out) {                                                           \
-    mix_sums_impl<D>(a, b, n, rs, mp, out);                                                            \
+    mix_sums_impl<D, 0>(a, b, n, rs, dp, out);                                                         \
   }
 #define DK_GRAD(D)                                                                                     \
   DK_CLONES void grad_div_##D(const float* a, const float* b, int64_t n, RowStats rs, float coef,      \
-                              float ce_coef, float thr, MixParams mp, float* out) {                    \
-    grad_div_impl<D>(a, b, n, rs, coef, ce_coef, thr, mp, out);                                        \
+                              float ce_coef, float thr, DivParams<D> dp, float* out) {                 \
+    grad_div_impl<D, 0>(a, b, n, rs, coef, ce_coef, thr, dp, out);                                     \
   }
 DK_MIX(3) DK_MIX(4) DK_MIX(5) DK_MIX(6)
 DK_GRAD(1) DK_GRAD(2) DK_GRAD(3) DK_GRAD(4) DK_GRAD(5) DK_GRAD(6)
+#undef DK_MIX
+#undef DK_GRAD
+
+// alpha-beta: one loop per form, picked once per chunk, not per element (explicit branches: a lambda
+// would be compiled for the default target rather than per clone).
+DK_CLONES void mix_sums_7(const float* a, const float* b, int64_t n, RowStats rs, AlphaBetaParams ab,
+                          double* out) {
+  if (ab.form == kAbBoth) return mix_sums_impl<kAlphaBeta, kAbBoth>(a, b, n, rs, ab, out);
+  if (ab.form == kAbAlphaOnly) return mix_sums_impl<kAlphaBeta, kAbAlphaOnly>(a, b, n, rs, ab, out);
+  mix_sums_impl<kAlphaBeta, kAbBetaOnly>(a, b, n, rs, ab, out);
+}
+DK_CLONES void grad_div_7(const float* a, const float* b, int64_t n, RowStats rs, float coef, float ce_coef,
+                          float thr, AlphaBetaParams ab, float* out) {
+  if (ab.form == kAbBoth) return grad_div_impl<kAlphaBeta, kAbBoth>(a, b, n, rs, coef, ce_coef, thr, ab, out);
+  if (ab.form == kAbAlphaOnly) return grad_div_impl<kAlphaBeta, kAbAlphaOnly>(a, b, n, rs, coef, ce_coef, thr, ab, out);
+  grad_div_impl<kAlphaBeta, kAbBetaOnly>(a, b, n, rs, coef, ce_coef, thr, ab, out);
+}
 
 template <int DIV, typename... Args>
 DK_INLINE void mix_sums(Args... args) {
@@ -290,6 +308,8 @@ DK_INLINE void mix_sums(Args... args) {
   else if constexpr (DIV == kSkewForwardKL) mix_sums_4(args...);
   else if constexpr (DIV == kSkewReverseKL) mix_sums_5(args...);
   else if constexpr (DIV == kTVD) mix_sums_6(args...);
+  else if constexpr (DIV == kAlphaBeta) mix_sums_7(args...);
+  else static_assert(always_false<DIV>, "mix_sums: not a two-pass divergence id");
 }
 
 // -- dispatch: hand-written AVX-512 loops where the CPU has them ------------------
@@ -329,10 +349,10 @@ DK_INLINE void grad_ce(const float* x, int64_t n, float ls1, float gc, bool accu
 }
 #undef DK_PICK
 
-// The KL gradients: AVX-512 where picked, else the portable grad_div_1 / grad_div_2 (mp unused by both).
+// The KL gradients: AVX-512 where picked, else the portable grad_div_1 / grad_div_2 (dp unused by both).
 template <int DIV>
 DK_INLINE void grad_kl(const float* a, const float* b, int64_t n, RowStats rs, float coef, float ce_coef, float thr,
-                       MixParams mp, float* out) {
+                       DivParams<DIV> dp, float* out) {
 #if defined(DK_HAVE_AVX512_LOOPS)
   if (use_avx512()) {
     if constexpr (DIV == kForwardKL) {
@@ -342,8 +362,8 @@ DK_INLINE void grad_kl(const float* a, const float* b, int64_t n, RowStats rs, f
     }
   }
 #endif
-  if constexpr (DIV == kForwardKL) grad_div_1(a, b, n, rs, coef, ce_coef, thr, mp, out);
-  else grad_div_2(a, b, n, rs, coef, ce_coef, thr, mp, out);
+  if constexpr (DIV == kForwardKL) grad_div_1(a, b, n, rs, coef, ce_coef, thr, dp, out);
+  else grad_div_2(a, b, n, rs, coef, ce_coef, thr, dp, out);
 }
 
 template <int DIV, typename... Args>
@@ -353,6 +373,8 @@ DK_INLINE void grad_div(Args... args) {
   else if constexpr (DIV == kSkewForwardKL) grad_div_4(args...);
   else if constexpr (DIV == kSkewReverseKL) grad_div_5(args...);
   else if constexpr (DIV == kTVD) grad_div_6(args...);
+  else if constexpr (DIV == kAlphaBeta) grad_div_7(args...);
+  else static_assert(always_false<DIV>, "grad_div: a divergence id without a gradient loop");
 }
 
 }  // namespace distillkit::cpu

@@ -12,9 +12,11 @@
 // Paths:
 //   forward_stream: any V. Ids 0-2 read s and t once (online softmax: running max
 //     per thread, sums rescaled when it grows, merged across the block at the end).
-//     Ids 3-6 read them twice (normalizers, then D and c).
-//   forward_smem: ids 3-6 when a row of s and t fits in shared memory: pass 1
+//     Ids 3-7 read them twice (normalizers, then D and c).
+//   forward_smem: ids 3-7 when a row of s and t fits in shared memory: pass 1
 //     keeps the row there, pass 2 reads it back; each input element is read once.
+//   The divergence covers ids [0, div_vocab) of both rows (the teacher is read no
+//   further), CE the student's whole row.
 //   backward: grid (rows, parts of a row); reads s, t once and writes grad once;
 //     rows with grad_div == grad_ce == 0 are zero-filled without reading.
 // Everything is launched on the current stream; nothing synchronizes the host.
@@ -60,9 +62,11 @@ __device__ __forceinline__ void pass1_group(Pass1& st, const float (&sv)[kVec], 
   } else if constexpr (DIV == kReverseKL) {  // the student does
     kl_group(sv, tv, inv_t, st.m_b, st.z_b, st.w, st.ref);
     lse_group(tv, inv_t, st.m_a, st.z_a);
-  } else if constexpr (DIV != kNone) {
+  } else if constexpr (is_two_pass(DIV)) {
     lse_group(tv, inv_t, st.m_a, st.z_a);
     lse_group(sv, inv_t, st.m_b, st.z_b);
+  } else {
+    static_assert(DIV == kNone, "pass1_group: a divergence id that is neither one- nor two-pass");
   }
   if (ce_own) lse_group(sv, 1.0f, st.m_s, st.z_s);
 }
@@ -99,19 +103,21 @@ __device__ __forceinline__ RowOut finish_pass1(Pass1 st, float* smem, float inv_
   } else if constexpr (DIV == kReverseKL) {
     r.c = reverse_kl_c(sums[2], sums[1], inv_t);
     r.d = reverse_kl_div(r.c, r.m_a, ref, r.ls_a, r.ls_b, inv_t);
+  } else {  // D and c come from pass 2
+    static_assert(DIV == kNone || is_two_pass(DIV), "finish_pass1: a divergence id that is neither one- nor two-pass");
   }
   return r;
 }
 
-// Pass-2 terms of one group of the mixtures: acc += (sum d_j, sum h_j).
-template <int DIV>
+// Pass-2 terms of one group of the two-pass divergences: acc += (sum d_j, sum h_j).
+template <int DIV, int FORM>
 __device__ __forceinline__ void pass2_group(const float (&sv)[kVec], const float (&tv)[kVec], float inv_t,
-                                            const RowOut& r, const MixParams& mp, float (&acc)[2]) {
+                                            const RowOut& r, const DivParams<DIV>& dp, float (&acc)[2]) {
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
     const float lp = (tv[i] - r.m_a) * inv_t - r.ls_a, lq = (sv[i] - r.m_b) * inv_t - r.ls_b;
     float d, h;
-    div_terms<DIV>(lp, lq, fexp(lp), fexp(lq), mp, d, h);
+    div_terms<DIV, FORM>(lp, lq, fexp(lp), fexp(lq), dp, d, h);
     acc[0] += d;
     acc[1] += h;
   }
@@ -153,37 +159,44 @@ __device__ __forceinline__ void write_div(const FwdParams& p, int64_t row, RowOu
 }
 
 // Forward, streaming: any V. D and c of the KLs from one pass (kl_move),
-// D = sum d_j and c = sum h_j in a second pass for the mixtures.
+// D = sum d_j and c = sum h_j in a second pass for the others. Pass 1 reads the divergence's ids,
+// [0, div_vocab), of both rows (CE's sums with them), ce_tail the student's ids past them.
 template <int DIV, typename TS, typename TT>
-__global__ void __launch_bounds__(kMaxThreads) forward_stream_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kMaxThreads) forward_stream_kernel(const FwdParams p, const DivParams<DIV> dp) {
   __shared__ float smem[4 * 32];
   const int64_t row = blockIdx.x, V = p.vocab;
+  const int64_t Vd = DIV != kNone ? p.div_vocab : V;  // CE only: pass 1 reads the whole row
   const TS* s = static_cast<const TS*>(p.student) + row * p.s_stride;
   const TT* t = static_cast<const TT*>(p.teacher) + row * p.t_stride;  // not read when DIV == 0
   const int shift = shift_of(s);
-  const int64_t groups = (V + shift + kVec - 1) / kVec;
+  const int64_t groups = (Vd + shift + kVec - 1) / kVec;
   const bool t_vec = DIV != kNone && group_aligned(t, shift);
-  const bool ce_own = p.with_ce && (DIV == kNone || p.inv_t != 1.0f);  // else (m_1, ls_1) = (m_b, ls_b)
+  // else (m_1, ls_1) = (m_b, ls_b): the same sums when the divergence covers the whole row at T = 1
+  const bool ce_own = p.with_ce && (DIV == kNone || p.inv_t != 1.0f || Vd != V);
 
   Pass1 st;
+  if (ce_own && Vd != V) ce_tail(s, Vd, V, shift, st.m_s, st.z_s);
   for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
     const int64_t start = g * kVec - shift;
     float sv[kVec], tv[kVec];
-    load_group(s, start, V, true, sv);
-    if constexpr (DIV != kNone) load_group(t, start, V, t_vec, tv);
+    load_group(s, start, Vd, true, sv);
+    if constexpr (DIV != kNone) load_group(t, start, Vd, t_vec, tv);
     pass1_group<DIV>(st, sv, tv, p.inv_t, ce_own);
   }
+
   RowOut r = finish_pass1<DIV>(st, smem, p.inv_t);
   if (threadIdx.x == 0) write_ce(p, row, s, ce_own ? r.m_1 : r.m_b, ce_own ? r.ls_1 : r.ls_b);
-  if constexpr (DIV >= kJSD) {
+  if constexpr (is_two_pass(DIV)) {
     float acc[2] = {0.0f, 0.0f};
-    for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-      const int64_t start = g * kVec - shift;
-      float sv[kVec], tv[kVec];
-      load_group(s, start, V, true, sv);
-      load_group(t, start, V, t_vec, tv);
-      pass2_group<DIV>(sv, tv, p.inv_t, r, p.mp, acc);
-    }
+    by_form<DIV>(dp, [&](auto form) {
+      for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+        const int64_t start = g * kVec - shift;
+        float sv[kVec], tv[kVec];
+        load_group(s, start, Vd, true, sv);
+        load_group(t, start, Vd, t_vec, tv);
+        pass2_group<DIV, decltype(form)::value>(sv, tv, p.inv_t, r, dp, acc);
+      }
+    });
     block_allreduce(acc, smem, SumOp{});
     r.d = acc[0];
     r.c = acc[1];
@@ -191,29 +204,30 @@ __global__ void __launch_bounds__(kMaxThreads) forward_stream_kernel(const FwdPa
   if (threadIdx.x == 0) write_div<DIV>(p, row, r);
 }
 
-// Forward, single pass for the mixtures: pass 1 parks the row (in its own dtype) in
-// shared memory, pass 2 reads it from there. Layout: group g at [8g, 8g + 8).
+// Forward, single pass for the two-pass divergences: pass 1 parks the row's divergence ids (in their
+// own dtype) in shared memory, pass 2 reads them from there. Layout: group g at [8g, 8g + 8).
 template <int DIV, typename TS, typename TT>
-__global__ void __launch_bounds__(kMaxThreads) forward_smem_kernel(const FwdParams p) {
-  static_assert(DIV >= kJSD, "only the two-pass divergences gain from keeping the row");
+__global__ void __launch_bounds__(kMaxThreads) forward_smem_kernel(const FwdParams p, const DivParams<DIV> dp) {
+  static_assert(is_two_pass(DIV), "only the two-pass divergences gain from keeping the row");
   extern __shared__ __align__(16) unsigned char row_smem[];
   __shared__ float smem[4 * 32];
-  const int64_t row = blockIdx.x, V = p.vocab;
+  const int64_t row = blockIdx.x, V = p.vocab, Vd = p.div_vocab;
   const TS* s = static_cast<const TS*>(p.student) + row * p.s_stride;
   const TT* t = static_cast<const TT*>(p.teacher) + row * p.t_stride;
   const int shift = shift_of(s);
-  const int64_t groups = (V + shift + kVec - 1) / kVec;
+  const int64_t groups = (Vd + shift + kVec - 1) / kVec;
   const bool t_vec = group_aligned(t, shift);
-  const bool ce_own = p.with_ce && p.inv_t != 1.0f;
+  const bool ce_own = p.with_ce && (p.inv_t != 1.0f || Vd != V);
   TS* s_sm = reinterpret_cast<TS*>(row_smem);
   TT* t_sm = reinterpret_cast<TT*>(row_smem + ((groups * kVec * sizeof(TS) + 15) & ~size_t{15}));
 
   Pass1 st;
+  if (ce_own && Vd != V) ce_tail(s, Vd, V, shift, st.m_s, st.z_s);
   for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
     const int64_t start = g * kVec - shift;
     float sv[kVec], tv[kVec];
-    load_group(s, start, V, true, sv);
-    load_group(t, start, V, t_vec, tv);
+    load_group(s, start, Vd, true, sv);
+    load_group(t, start, Vd, t_vec, tv);
     store_vec8(s_sm + g * kVec, sv);  // exact: the values came from TS / TT
     store_vec8(t_sm + g * kVec, tv);
     pass1_group<DIV>(st, sv, tv, p.inv_t, ce_own);
@@ -221,12 +235,14 @@ __global__ void __launch_bounds__(kMaxThreads) forward_smem_kernel(const FwdPara
   RowOut r = finish_pass1<DIV>(st, smem, p.inv_t);  // its barriers also order the row stores
   if (threadIdx.x == 0) write_ce(p, row, s, ce_own ? r.m_1 : r.m_b, ce_own ? r.ls_1 : r.ls_b);
   float acc[2] = {0.0f, 0.0f};
-  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
-    float sv[kVec], tv[kVec];
-    load_vec8<TS, false>(s_sm + g * kVec, sv);
-    load_vec8<TT, false>(t_sm + g * kVec, tv);
-    pass2_group<DIV>(sv, tv, p.inv_t, r, p.mp, acc);
-  }
+  by_form<DIV>(dp, [&](auto form) {
+    for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+      float sv[kVec], tv[kVec];
+      load_vec8<TS, false>(s_sm + g * kVec, sv);
+      load_vec8<TT, false>(t_sm + g * kVec, tv);
+      pass2_group<DIV, decltype(form)::value>(sv, tv, p.inv_t, r, dp, acc);
+    }
+  });
   block_allreduce(acc, smem, SumOp{});
   r.d = acc[0];
   r.c = acc[1];
@@ -241,11 +257,11 @@ struct BwdParams : RowInputs {
   void* grad;
 };
 
-// Backward: grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), every
-// entry below the output dtype's smallest normal stored as 0;
+// Backward: grad = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), the first term over
+// [0, div_vocab) only, every entry below the output dtype's smallest normal stored as 0;
 // grid (rows, parts): block (r, k) writes the k-th range of groups of row r.
 template <int DIV, typename TS, typename TT>
-__global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p, const DivParams<DIV> dp) {
   const int64_t row = blockIdx.x, V = p.vocab;
   const TS* s = static_cast<const TS*>(p.student) + row * p.s_stride;
   const TT* t = static_cast<const TT*>(p.teacher) + row * p.t_stride;
@@ -270,51 +286,59 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p
   const float c = stp[4];
   // Skip, not multiply by 0: a row weighted out of the divergence may have an infinite one.
   const bool use_div = DIV != kNone && gd != 0.0f;
-  if (use_div && c != c) {  // c is NaN: the row has no divergence, and so no gradient
-    const float nans[kVec] = {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
-    for (int64_t g = g_begin + threadIdx.x; g < g_end; g += blockDim.x)
-      store_group(gr, g * kVec - shift, V, g_vec, nans);
-    return;
-  }
+  const int64_t Vd = use_div ? p.div_vocab : 0;  // [0, Vd): divergence (+ CE) ids; [Vd, V): CE only
+  // c is NaN: the row has no divergence, and so no gradient (NaN over [0, Vd), whatever CE adds)
+  const bool div_nan = use_div && c != c;
   // the teacher is taken relative to ref for reverse KL (div_grad), to m_t otherwise
   const float m_a = DIV == kReverseKL ? stp[7] : stp[0], ls_a = stp[1], m_b = stp[2], ls_b = stp[3];
   const float m_1 = stp[5], ls_1 = stp[6];
-  const bool ce_fold = use_div && p.inv_t == 1.0f;  // softmax(s) is q: one exp less
+  const bool ce_fold = use_div && p.inv_t == 1.0f && Vd == V;  // softmax(s) is q: one exp less
   const bool ce_own = gc != 0.0f && !ce_fold;
   const float coef = gd * p.inv_t, ce_coef = ce_fold ? gc : 0.0f;
   const bool t_vec = DIV != kNone && group_aligned(t, shift);
 
-  for (int64_t g = g_begin + threadIdx.x; g < g_end; g += blockDim.x) {
-    const int64_t start = g * kVec - shift;
-    float sv[kVec], out[kVec];
-    load_group(s, start, V, true, sv);
+  by_form<DIV>(dp, [&](auto form) {
+    for (int64_t g = g_begin + threadIdx.x; g < g_end; g += blockDim.x) {
+      const int64_t start = g * kVec - shift;
+      float sv[kVec], out[kVec];
+      load_group(s, start, V, true, sv);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) out[i] = 0.0f;
-    if constexpr (DIV != kNone) {
-      if (use_div) {
-        float tv[kVec];
-        load_group(t, start, V, t_vec, tv);
+      for (int i = 0; i < kVec; ++i) out[i] = 0.0f;
+      if constexpr (DIV != kNone) {
+        if (start < Vd && div_nan) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          const float ra = tv[i] - m_a, rb = sv[i] - m_b;
-          const float lp = ra * p.inv_t - ls_a, lq = rb * p.inv_t - ls_b;  // lp: dead for reverse KL
-          const float pj = fexp(lp), qj = fexp(lq);
-          const float rel = (rb - ra) * p.inv_t;  // reverse KL only (div_grad)
-          out[i] = coef * div_grad<DIV>(lp, lq, pj, qj, rel, c, p.mp) + ce_coef * qj;
+          for (int i = 0; i < kVec; ++i) out[i] = start + i < Vd ? kNaN : 0.0f;
+        } else if (start < Vd) {
+          float tv[kVec];
+          load_group(t, start, Vd, t_vec, tv);
+          auto term = [&](int i) {
+            const float ra = tv[i] - m_a, rb = sv[i] - m_b;
+            const float lp = ra * p.inv_t - ls_a, lq = rb * p.inv_t - ls_b;  // lp: dead for reverse KL
+            const float pj = fexp(lp), qj = fexp(lq);
+            const float rel = (rb - ra) * p.inv_t;  // reverse KL only (div_grad)
+            return coef * div_grad<DIV, decltype(form)::value>(lp, lq, pj, qj, rel, c, dp) + ce_coef * qj;
+          };
+          if (start + kVec <= Vd) {
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) out[i] = term(i);
+          } else {  // the group holding div_vocab: no divergence gradient past it
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) out[i] = start + i < Vd ? term(i) : 0.0f;
+          }
         }
       }
-    }
-    if (ce_own) {
+      if (ce_own) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) out[i] += gc * fexp((sv[i] - m_1) - ls_1);
-    }
+        for (int i = 0; i < kVec; ++i) out[i] += gc * fexp((sv[i] - m_1) - ls_1);
+      }
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      if (start + i == y) out[i] -= gc;  // unrolled compare: no dynamic register index
-      out[i] = flush(out[i], kFlushBelow);
+      for (int i = 0; i < kVec; ++i) {
+        if (start + i == y) out[i] -= gc;  // unrolled compare: no dynamic register index
+        out[i] = flush(out[i], kFlushBelow);
+      }
+      store_group(gr, start, V, g_vec, out);
     }
-    store_group(gr, start, V, g_vec, out);
-  }
+  });
 }
 
 // -- host side ---------------------------------------------------------------------------
@@ -341,13 +365,15 @@ int forward_threads(int64_t groups) { return groups >= 4096 ? 512 : (groups >= 1
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cuda(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-    int64_t divergence, double mix, double temperature, int64_t ignore_index, bool with_ce) {
-  const Rows r = check_rows_forward(student, teacher, labels, divergence, mix, temperature, with_ce, at::kCUDA);
+    int64_t divergence, double param_a, double param_b, double temperature, int64_t ignore_index, bool with_ce,
+    int64_t div_vocab) {
+  const Rows r = check_rows_forward(student, teacher, labels, divergence, param_a, param_b, temperature, with_ce,
+                                    div_vocab, at::kCUDA);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto opts = student.options().dtype(at::kFloat);
   at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 8}, opts);
   if (r.n == 0) return {div, ce, stats};
-  FwdParams p{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
+  FwdParams p{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
   p.div = div.data_ptr<float>();
   p.ce = ce.data_ptr<float>();
   p.stats = stats.data_ptr<float>();
@@ -359,8 +385,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cuda(
     constexpr int DIV = decltype(d)::value;
     using TS = typename decltype(s_tag)::type;
     using TT = typename decltype(t_tag)::type;
-    if constexpr (DIV >= kJSD) {
-      const size_t smem = ((groups * kVec * sizeof(TS) + 15) & ~size_t{15}) + groups * kVec * sizeof(TT);
+    const DivParams<DIV> dp = make_div_params<DIV>(param_a, param_b);
+    if constexpr (is_two_pass(DIV)) {
+      const int64_t div_groups = (r.div_vocab + kVec - 1) / kVec + 1;  // the smem rows: divergence ids only
+      const size_t smem = ((div_groups * kVec * sizeof(TS) + 15) & ~size_t{15}) + div_groups * kVec * sizeof(TT);
       const bool fits = static_cast<int64_t>(smem) <= max_dynamic_smem(student.get_device());
       if (fits && !force_stream()) {
         auto kernel = forward_smem_kernel<DIV, TS, TT>;
@@ -368,24 +396,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cuda(
           C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(smem)));
         }
-        kernel<<<static_cast<unsigned>(r.n), threads, smem, stream>>>(p);
+        kernel<<<static_cast<unsigned>(r.n), threads, smem, stream>>>(p, dp);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
       }
     }
-    forward_stream_kernel<DIV, TS, TT><<<static_cast<unsigned>(r.n), threads, 0, stream>>>(p);
+    forward_stream_kernel<DIV, TS, TT><<<static_cast<unsigned>(r.n), threads, 0, stream>>>(p, dp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {div, ce, stats};
 }
 
-// The rows of the backward into `grad` ([N, V], contiguous, student dtype; checked by the callers).
-void backward_into(const Rows& r, at::Tensor& grad, const at::Tensor& grad_div, const at::Tensor& grad_ce,
-                   const at::Tensor& student, const std::optional<at::Tensor>& teacher,
-                   const std::optional<at::Tensor>& labels, const at::Tensor& stats, int64_t divergence, double mix,
-                   double temperature, int64_t ignore_index, bool with_ce) {
-  if (r.n == 0) return;
-  BwdParams p{make_row_inputs(r, student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce)};
+at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
+                              const at::Tensor& stats, int64_t divergence, double param_a, double param_b,
+                              double temperature, int64_t ignore_index, bool with_ce, int64_t div_vocab) {
+  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, param_a,
+                                     param_b, temperature, with_ce, div_vocab, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(student.device());
+  at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
+  if (r.n == 0) return grad;
+  BwdParams p{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
   p.grad_div = grad_div.data_ptr<float>();
   p.grad_ce = grad_ce.data_ptr<float>();
   p.gd_stride = grad_div.stride(0);
@@ -402,33 +433,11 @@ void backward_into(const Rows& r, at::Tensor& grad, const at::Tensor& grad_div, 
   dispatch<__nv_bfloat16, __half>(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
     using TS = typename decltype(s_tag)::type;
     using TT = typename decltype(t_tag)::type;
-    backward_kernel<decltype(d)::value, TS, TT><<<grid, kBwdThreads, 0, stream>>>(p);
+    constexpr int DIV = decltype(d)::value;
+    backward_kernel<DIV, TS, TT><<<grid, kBwdThreads, 0, stream>>>(p, make_div_params<DIV>(param_a, param_b));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-at::Tensor rows_backward_cuda(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
-                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                              const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                              int64_t ignore_index, bool with_ce) {
-  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
-                                     temperature, with_ce, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
-  backward_into(r, grad, grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
-                ignore_index, with_ce);
   return grad;
-}
-
-void rows_backward_into_cuda(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
-                             const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                             const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                             int64_t ignore_index, bool with_ce, at::Tensor& out) {
-  const Rows r = check_rows_backward_into(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
-                                          temperature, with_ce, out, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(student.device());
-  backward_into(r, out, grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
-                ignore_index, with_ce);
 }
 
 }  // namespace distillkit::cuda
@@ -436,5 +445,4 @@ void rows_backward_into_cuda(const at::Tensor& grad_div, const at::Tensor& grad_
 TORCH_LIBRARY_IMPL(distillkit_ext, CUDA, m) {
   m.impl("rows_forward", &distillkit::cuda::rows_forward_cuda);
   m.impl("rows_backward", &distillkit::cuda::rows_backward_cuda);
-  m.impl("rows_backward_into", &distillkit::cuda::rows_backward_into_cuda);
 }

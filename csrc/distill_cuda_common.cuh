@@ -1,6 +1,6 @@
 // Device building blocks of the CUDA kernels (distill_cuda.cu): 16-byte group
-// loads/stores in any of the three logits dtypes, block reductions, and the
-// per-thread online-softmax updates.
+// loads/stores in any of the three logits dtypes, the alpha-beta form dispatch,
+// block reductions, and the per-thread online-softmax updates.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -127,6 +127,19 @@ __device__ __forceinline__ bool group_aligned(const T* row, int shift) {
   return ((reinterpret_cast<uintptr_t>(row) - static_cast<uintptr_t>(shift) * sizeof(T)) & 15u) == 0;
 }
 
+// f(std::integral_constant<int, FORM>) with the call's alpha-beta form (0 for the other divergences):
+// the kernel's loop goes inside f, so the form's branch is taken once per block, not per element.
+template <int DIV, typename F>
+__device__ __forceinline__ void by_form(const DivParams<DIV>& dp, F&& f) {
+  if constexpr (DIV == kAlphaBeta) {
+    if (dp.form == kAbBoth) return f(std::integral_constant<int, kAbBoth>{});
+    if (dp.form == kAbAlphaOnly) return f(std::integral_constant<int, kAbAlphaOnly>{});
+    return f(std::integral_constant<int, kAbBetaOnly>{});
+  } else {
+    return f(std::integral_constant<int, 0>{});
+  }
+}
+
 // -- block reductions ------------------------------------------------------------------
 struct SumOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
@@ -191,6 +204,25 @@ __device__ __forceinline__ void kl_group(const float (&x)[kVec], const float (&y
     const float e = fexp(dx * inv_t);
     z += e;
     w += e > 0.0f ? e * (dx - (y[i] - ref)) : 0.0f;
+  }
+}
+
+// CE's running (m_s, z_s) at T = 1 over the student's ids [vd, V) past the divergence's, which the
+// forward's pass 1 does not read (it reads [0, vd)); in the group holding vd, the ids below it are -inf
+// here. The kernels call it before pass 1: placed after it, it pushed a dozen forward kernels past 40
+// registers (ptxas, sm_90).
+template <typename TS>
+__device__ __forceinline__ void ce_tail(const TS* s, int64_t vd, int64_t V, int shift, float& m_s, float& z_s) {
+  const int64_t groups = (V + shift + kVec - 1) / kVec;
+  for (int64_t g = (vd + shift) / kVec + threadIdx.x; g < groups; g += blockDim.x) {
+    const int64_t start = g * kVec - shift;
+    float sv[kVec];
+    load_group(s, start, V, true, sv);
+    if (start < vd) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sv[i] = start + i < vd ? kNegInf : sv[i];
+    }
+    lse_group(sv, 1.0f, m_s, z_s);
   }
 }
 

@@ -7,6 +7,10 @@
 //   D(p, q) per divergence id; h_j = q_j dD/dq_j; c = sum_j h_j
 //   dD/db_k = h_k - q_k c (reverse KL: relative to the mode, see kl_move)
 //   ce = (m_1 - s[y]) + ls_1 at temperature 1 (m_1, ls_1 over the student)
+//   D over the ids [0, div_vocab) of both rows, CE over the student's whole row
+//
+// The divergence ids and what their two parameters (param_a, param_b) mean come from
+// distillkit/core/divergences.py, the one table every layer reads.
 //
 // The max is subtracted before the multiply by 1/T: exact for the entries at the
 // max (Sterbenz), and no FMA contraction can turn it into t/T - m with a rounding
@@ -16,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define DK_HD __host__ __device__ __forceinline__
@@ -25,7 +30,7 @@
 
 namespace distillkit {
 
-// Divergence ids (distillkit._checks.DIVERGENCE_IDS).
+// Divergence ids: the table in distillkit/core/divergences.py (its test checks these against it).
 enum : int {
   kNone = 0,
   kForwardKL = 1,
@@ -34,11 +39,21 @@ enum : int {
   kSkewForwardKL = 4,
   kSkewReverseKL = 5,
   kTVD = 6,
+  kAlphaBeta = 7,
 };
+constexpr int kMaxDivergenceId = kAlphaBeta;  // the ops reject ids above it (ops.cpp)
 
-// Forward KL and reverse KL get D from one online pass; the mixtures need both
+// For the static_assert that ends every `if constexpr` chain over the ids: an id added to the
+// enum but not to a chain fails to compile instead of computing another divergence.
+template <int DIV>
+constexpr bool always_false = false;
+
+// Forward KL and reverse KL get D from one online pass; the others need both
 // normalizers before the first term (two passes).
 constexpr bool is_online(int div) { return div == kForwardKL || div == kReverseKL; }
+constexpr bool is_two_pass(int div) {
+  return div == kJSD || div == kSkewForwardKL || div == kSkewReverseKL || div == kTVD || div == kAlphaBeta;
+}
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -259,6 +274,50 @@ inline MixParams make_mix(int div, float mix) {
   return mp;
 }
 
+// alpha-beta with (alpha, beta) = (param_a, param_b), alpha, beta >= 0, not both 0, in one of three
+// forms (docs/DESIGN.md), decided once per call: the loops are instantiated per form, so the branch
+// is not taken per element. Constants in double on the host, then rounded once.
+enum : int { kAbBoth = 0, kAbAlphaOnly = 1, kAbBetaOnly = 2 };
+
+struct AlphaBetaParams {
+  int form;
+  float alpha, beta, sum;  // sum = alpha + beta
+  float w_p, w_q;          // kAbBoth: alpha / sum, beta / sum
+  float k_d, k_h;          // the scales of d and h (alpha_beta_terms)
+};
+
+inline AlphaBetaParams make_alpha_beta(double alpha, double beta) {
+  AlphaBetaParams ab{kAbBoth, static_cast<float>(alpha), static_cast<float>(beta),
+                     static_cast<float>(alpha + beta), 0.0f, 0.0f, 0.0f, 0.0f};
+  if (alpha > 0.0 && beta > 0.0) {
+    ab.w_p = static_cast<float>(alpha / (alpha + beta));
+    ab.w_q = static_cast<float>(beta / (alpha + beta));
+    ab.k_d = static_cast<float>(1.0 / (alpha * beta));
+    ab.k_h = static_cast<float>(1.0 / alpha);
+  } else {
+    const double e = alpha > 0.0 ? alpha : beta;  // the one nonzero exponent
+    ab.form = alpha > 0.0 ? kAbAlphaOnly : kAbBetaOnly;
+    ab.k_d = static_cast<float>(1.0 / (e * e));
+    ab.k_h = static_cast<float>(1.0 / e);
+  }
+  return ab;
+}
+
+// What divergence DIV's terms read besides the logits, built on the host from (param_a, param_b). Only
+// that: the CUDA kernels take it as a parameter of its own, so that no kernel's parameter block carries
+// another divergence's constants (the forward kernels' register counts move with that block's layout).
+template <int DIV>
+using DivParams = std::conditional_t<DIV == kAlphaBeta, AlphaBetaParams, MixParams>;
+
+template <int DIV>
+DivParams<DIV> make_div_params(double param_a, double param_b) {
+  if constexpr (DIV == kAlphaBeta) {
+    return make_alpha_beta(param_a, param_b);
+  } else {
+    return make_mix(DIV, static_cast<float>(param_a));
+  }
+}
+
 // Safe log-add-exp of the mixture in log space: log m = logaddexp(x, y) with
 // x = lw_p + log p, y = lw_q + log q. Exact for probabilities far below the
 // float range (no underflow of p or q), -inf when both are -inf (no NaN).
@@ -281,11 +340,38 @@ DK_HD MixLog mix_log(float x, float y) {
 }
 
 // -- per-element divergence terms ---------------------------------------------
+// alpha-beta in form FORM (AlphaBetaParams), from the log-probabilities: the powers p^alpha, q^beta
+// are taken in log space, so they do not underflow with p or q. A term weighted by p^alpha = 0
+// (resp. q^beta = 0) is 0.
+template <int FORM>
+DK_HD void alpha_beta_terms(float log_p, float log_q, const AlphaBetaParams& ab, float& d, float& h) {
+  if constexpr (FORM == kAbBoth) {
+    // d = -(p^a q^b - a/s p^s - b/s q^s) / (a b), h = (q^s - p^a q^b) / a, s = a + b
+    const float pq = fexp(ab.alpha * log_p + ab.beta * log_q);
+    const float ps = fexp(ab.sum * log_p), qs = fexp(ab.sum * log_q);
+    d = (ab.w_p * ps + ab.w_q * qs - pq) * ab.k_d;
+    h = (qs - pq) * ab.k_h;
+  } else if constexpr (FORM == kAbAlphaOnly) {
+    // beta = 0: d = (a p^a (log p - log q) + q^a - p^a) / a^2, h = (q^a - p^a) / a; (1, 0) is forward KL
+    const float pa = fexp(ab.alpha * log_p), qa = fexp(ab.alpha * log_q);
+    d = (pa > 0.0f ? pa * (log_p - log_q) * ab.k_h : 0.0f) + (qa - pa) * ab.k_d;
+    h = (qa - pa) * ab.k_h;
+  } else if constexpr (FORM == kAbBetaOnly) {
+    // alpha = 0: h = q^b (log q - log p), d = (b h + p^b - q^b) / b^2; (0, 1) is reverse KL
+    const float pb = fexp(ab.beta * log_p), qb = fexp(ab.beta * log_q);
+    h = qb > 0.0f ? qb * (log_q - log_p) : 0.0f;
+    d = h * ab.k_h + (pb - qb) * ab.k_d;
+  } else {
+    static_assert(always_false<FORM>, "unknown alpha-beta form");
+  }
+}
+
 // d_j with sum_j d_j = D, and h_j = q_j dD/dq_j (docs/DESIGN.md table). A term
 // weighted by p_j = 0 (resp. q_j = 0) is exactly 0: -inf teacher logits never
-// give NaN. Reverse-type terms are +inf where q_j > 0 and p_j = 0.
-template <int DIV>
-DK_HD void div_terms(float log_p, float log_q, float p, float q, const MixParams& mp, float& d, float& h) {
+// give NaN. Reverse-type terms are +inf where q_j > 0 and p_j = 0. FORM: the
+// alpha-beta form (0 for the others).
+template <int DIV, int FORM = 0>
+DK_HD void div_terms(float log_p, float log_q, float p, float q, const DivParams<DIV>& dp, float& d, float& h) {
   if constexpr (DIV == kForwardKL) {
     d = p > 0.0f ? p * (log_p - log_q) : 0.0f;
     h = -p;
@@ -293,28 +379,29 @@ DK_HD void div_terms(float log_p, float log_q, float p, float q, const MixParams
     d = q > 0.0f ? q * (log_q - log_p) : 0.0f;
     h = d;
   } else if constexpr (DIV == kJSD) {
-    const MixLog ml = mix_log(mp.lw_p + log_p, mp.lw_q + log_q);
+    const MixLog ml = mix_log(dp.lw_p + log_p, dp.lw_q + log_q);
     const float kp = p > 0.0f ? p * (log_p - ml.log_m) : 0.0f;
     const float kq = q > 0.0f ? q * (log_q - ml.log_m) : 0.0f;
-    d = mp.w_p * kp + mp.w_q * kq;
-    h = mp.w_q * kq;
+    d = dp.w_p * kp + dp.w_q * kq;
+    h = dp.w_q * kq;
   } else if constexpr (DIV == kSkewForwardKL) {
     // h = -(1-a) p q / m = -p * share_q
-    const MixLog ml = mix_log(mp.lw_p + log_p, mp.lw_q + log_q);
+    const MixLog ml = mix_log(dp.lw_p + log_p, dp.lw_q + log_q);
     d = p > 0.0f ? p * (log_p - ml.log_m) : 0.0f;
     h = -p * ml.share_q;
   } else if constexpr (DIV == kSkewReverseKL) {
     // h = q (log q - log m) - a q^2 / m = d - q * share_q
-    const MixLog ml = mix_log(mp.lw_p + log_p, mp.lw_q + log_q);
+    const MixLog ml = mix_log(dp.lw_p + log_p, dp.lw_q + log_q);
     d = q > 0.0f ? q * (log_q - ml.log_m) : 0.0f;
     h = d - q * ml.share_q;
   } else if constexpr (DIV == kTVD) {
     const float diff = q - p;
     d = 0.5f * (diff < 0.0f ? -diff : diff);
     h = diff > 0.0f ? 0.5f * q : (diff < 0.0f ? -0.5f * q : 0.0f);
+  } else if constexpr (DIV == kAlphaBeta) {
+    alpha_beta_terms<FORM>(log_p, log_q, dp, d, h);
   } else {
-    d = 0.0f;
-    h = 0.0f;
+    static_assert(always_false<DIV>, "div_terms: a divergence id without terms (distillkit/core/divergences.py)");
   }
 }
 
@@ -322,15 +409,15 @@ DK_HD void div_terms(float log_p, float log_q, float p, float q, const MixParams
 // without the cancellation and without reading c. For reverse KL, h_k = q_k rel_k with
 // rel = ((s - m_s) - (t - ref)) / T, taken by the caller, and c = E_q[rel] (kl_move): both
 // small near the mode, so q (rel - c) cancels nothing of the size of the logits.
-template <int DIV>
-DK_HD float div_grad(float log_p, float log_q, float p, float q, float rel, float c, const MixParams& mp) {
+template <int DIV, int FORM = 0>
+DK_HD float div_grad(float log_p, float log_q, float p, float q, float rel, float c, const DivParams<DIV>& dp) {
   if constexpr (DIV == kForwardKL) {
     return q - p;
   } else if constexpr (DIV == kReverseKL) {
     return q == 0.0f ? 0.0f : q * (rel - c);
   } else {
     float d, h;
-    div_terms<DIV>(log_p, log_q, p, q, mp, d, h);
+    div_terms<DIV, FORM>(log_p, log_q, p, q, dp, d, h);
     return h - q * c;
   }
 }

@@ -17,7 +17,8 @@ namespace distillkit {
 // Row geometry resolved from the checked arguments.
 struct Rows {
   int64_t n = 0;               // rows
-  int64_t vocab = 0;           // V
+  int64_t vocab = 0;           // V: the student's ids (CE)
+  int64_t div_vocab = 0;       // the divergence's ids [0, div_vocab) of both rows; 0 when not read
   int64_t s_stride = 0;        // student row stride (elements)
   int64_t t_stride = 0;        // teacher row stride (elements); 0 when not read
   int64_t y_stride = 0;        // labels stride; 0 when not read
@@ -30,22 +31,20 @@ struct RowInputs {
   const void* student;
   const void* teacher;     // nullptr when not read
   const int64_t* labels;   // nullptr without CE
-  int64_t vocab, s_stride, t_stride, y_stride, ignore_index;
+  int64_t vocab, div_vocab, s_stride, t_stride, y_stride, ignore_index;
   float inv_t;
-  bool with_ce;
-  MixParams mp;
+  bool with_ce;  // the divergence's parameters travel apart: DivParams<DIV>
 };
 
 inline RowInputs make_row_inputs(const Rows& r, const at::Tensor& student, const std::optional<at::Tensor>& teacher,
-                                 const std::optional<at::Tensor>& labels, int64_t divergence, double mix,
-                                 double temperature, int64_t ignore_index, bool with_ce) {
+                                 const std::optional<at::Tensor>& labels, double temperature,
+                                 int64_t ignore_index, bool with_ce) {
   return RowInputs{student.data_ptr(),
                    r.read_teacher ? teacher->data_ptr() : nullptr,
                    with_ce ? labels->data_ptr<int64_t>() : nullptr,
-                   r.vocab, r.s_stride, r.t_stride, r.y_stride, ignore_index,
+                   r.vocab, r.div_vocab, r.s_stride, r.t_stride, r.y_stride, ignore_index,
                    static_cast<float>(1.0 / temperature),
-                   with_ce,
-                   make_mix(static_cast<int>(divergence), static_cast<float>(mix))};
+                   with_ce};
 }
 
 // (grad_div, grad_ce, label) of one backward row, for the CPU Args and the CUDA BwdParams alike. ce is
@@ -67,20 +66,14 @@ DK_HD void row_coefficients(const P& p, int64_t row, float& gd, float& gc, int64
 
 // TORCH_CHECKs naming the offending argument; `device` is the backend's device type.
 Rows check_rows_forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
-                        const std::optional<at::Tensor>& labels, int64_t divergence, double mix,
-                        double temperature, bool with_ce, c10::DeviceType device);
+                        const std::optional<at::Tensor>& labels, int64_t divergence, double param_a,
+                        double param_b, double temperature, bool with_ce, int64_t div_vocab,
+                        c10::DeviceType device);
 
 Rows check_rows_backward(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
                          const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                         const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                         bool with_ce, c10::DeviceType device);
-
-// check_rows_backward, plus the out buffer of rows_backward_into: the student's device, dtype and
-// [N, V] shape, contiguous, overlapping neither input.
-Rows check_rows_backward_into(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
-                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                              const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                              bool with_ce, const at::Tensor& out, c10::DeviceType device);
+                         const at::Tensor& stats, int64_t divergence, double param_a, double param_b,
+                         double temperature, bool with_ce, int64_t div_vocab, c10::DeviceType device);
 
 namespace cpu {
 // Which loops the CPU kernel runs: "avx512" (hand-written) or "portable" (compiler-vectorized).
@@ -117,7 +110,11 @@ void dispatch(int64_t div, at::ScalarType ts, at::ScalarType tt, F&& f) {
         case kJSD: return f(std::integral_constant<int, kJSD>{}, s_tag, t_tag);
         case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{}, s_tag, t_tag);
         case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{}, s_tag, t_tag);
-        default: return f(std::integral_constant<int, kTVD>{}, s_tag, t_tag);
+        case kTVD: return f(std::integral_constant<int, kTVD>{}, s_tag, t_tag);
+        case kAlphaBeta: return f(std::integral_constant<int, kAlphaBeta>{}, s_tag, t_tag);
+        default:  // checked by the ops already; an id added to the enum but not here lands here
+          TORCH_CHECK(false, "divergence must be an id in [0, ", kMaxDivergenceId,
+                      "] (distillkit/core/divergences.py); got ", div);
       }
     });
   });

@@ -1,12 +1,11 @@
 // The two native ops of the fused distillation rows (schema + argument checks).
 // Implementations: distill_cpu.cpp (CPU) and distill_cuda.cu (CUDA); the fake
-// (meta) implementations live in distillkit/_ext.py.
+// (meta) implementations live in distillkit/core/_ext.py.
 //
 // Layout follows pytorch/extension-cpp: the ops are registered by static
 // initializers when `distillkit._C` is imported; the module itself is an empty
 // Python module built against the limited C API.
 #include <Python.h>
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -38,27 +37,41 @@ void check_rows_vector(const at::Tensor& x, const char* name, int64_t n, c10::De
   TORCH_CHECK(x.dim() == 1 && x.size(0) == n, name, " must have shape [", n, "]; got ", x.sizes());
 }
 
+bool is_mixture(int64_t div) { return div == kJSD || div == kSkewForwardKL || div == kSkewReverseKL; }
+
 Rows check_common(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
-                  const std::optional<at::Tensor>& labels, int64_t divergence, double mix, double temperature,
-                  bool with_ce, c10::DeviceType device) {
+                  const std::optional<at::Tensor>& labels, int64_t divergence, double param_a, double param_b,
+                  double temperature, bool with_ce, int64_t div_vocab, c10::DeviceType device) {
   check_logits(student, "student", device);
   Rows r;
   r.n = student.size(0);
   r.vocab = student.size(1);
   r.s_stride = student.stride(0);
   TORCH_CHECK(r.vocab > 0, "student must have a non-empty vocab dim; got shape ", student.sizes());
-  TORCH_CHECK(divergence >= 0 && divergence <= 6, "divergence must be an id in [0, 6]; got ", divergence);
+  TORCH_CHECK(divergence >= 0 && divergence <= kMaxDivergenceId, "divergence must be an id in [0, ",
+              kMaxDivergenceId, "] (distillkit/core/divergences.py); got ", divergence);
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "temperature must be finite and > 0; got ",
               temperature);
-  TORCH_CHECK(mix >= 0.0 && mix <= 1.0, "mix must lie in [0, 1]; got ", mix);
+  TORCH_CHECK(std::isfinite(param_a) && std::isfinite(param_b), "param_a and param_b must be finite; got (",
+              param_a, ", ", param_b, ")");
+  if (is_mixture(divergence)) {
+    TORCH_CHECK(param_a >= 0.0 && param_a <= 1.0, "param_a (beta or skew) must lie in [0, 1]; got ", param_a);
+  } else if (divergence == kAlphaBeta) {
+    TORCH_CHECK(param_a >= 0.0 && param_b >= 0.0 && param_a + param_b > 0.0,
+                "param_a (alpha) and param_b (beta) must be >= 0 and not both 0; got (", param_a, ", ", param_b,
+                ")");
+  }
   if (divergence != 0) {
+    TORCH_CHECK(div_vocab >= 1 && div_vocab <= r.vocab, "div_vocab must lie in [1, ", r.vocab,
+                "] (the student's vocab) when divergence != 0; got ", div_vocab);
     TORCH_CHECK(teacher.has_value() && teacher->defined(), "teacher must be given when divergence != 0");
     check_logits(*teacher, "teacher", device);
-    TORCH_CHECK(teacher->sizes() == student.sizes(), "teacher must have the student's shape ", student.sizes(),
-                "; got ", teacher->sizes());
+    TORCH_CHECK(teacher->size(0) == r.n && teacher->size(1) >= div_vocab, "teacher must have shape [", r.n,
+                ", >= div_vocab = ", div_vocab, "]; got ", teacher->sizes());
     TORCH_CHECK(teacher->device() == student.device(), "teacher must be on the student's device ",
                 student.device(), "; got ", teacher->device());
     r.t_stride = teacher->stride(0);
+    r.div_vocab = div_vocab;
     r.read_teacher = true;
   }
   if (with_ce) {
@@ -74,16 +87,19 @@ Rows check_common(const at::Tensor& student, const std::optional<at::Tensor>& te
 }  // namespace
 
 Rows check_rows_forward(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
-                        const std::optional<at::Tensor>& labels, int64_t divergence, double mix,
-                        double temperature, bool with_ce, c10::DeviceType device) {
-  return check_common(student, teacher, labels, divergence, mix, temperature, with_ce, device);
+                        const std::optional<at::Tensor>& labels, int64_t divergence, double param_a,
+                        double param_b, double temperature, bool with_ce, int64_t div_vocab,
+                        c10::DeviceType device) {
+  return check_common(student, teacher, labels, divergence, param_a, param_b, temperature, with_ce, div_vocab,
+                      device);
 }
 
 Rows check_rows_backward(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
                          const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                         const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                         bool with_ce, c10::DeviceType device) {
-  Rows r = check_common(student, teacher, labels, divergence, mix, temperature, with_ce, device);
+                         const at::Tensor& stats, int64_t divergence, double param_a, double param_b,
+                         double temperature, bool with_ce, int64_t div_vocab, c10::DeviceType device) {
+  Rows r = check_common(student, teacher, labels, divergence, param_a, param_b, temperature, with_ce, div_vocab,
+                        device);
   auto check_grad = [&](const at::Tensor& g, const char* name) {
     check_rows_vector(g, name, r.n, device);
     TORCH_CHECK(g.scalar_type() == at::kFloat, name, " must be float32; got ", g.scalar_type());
@@ -100,48 +116,16 @@ Rows check_rows_backward(const at::Tensor& grad_div, const at::Tensor& grad_ce, 
   return r;
 }
 
-// Conservative: where ATen cannot tell (a strided view), sharing storage counts as overlap.
-bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
-  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
-  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
-         (status == at::MemOverlapStatus::TooHard && a.storage().is_alias_of(b.storage()));
-}
-
-Rows check_rows_backward_into(const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
-                              const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
-                              const at::Tensor& stats, int64_t divergence, double mix, double temperature,
-                              bool with_ce, const at::Tensor& out, c10::DeviceType device) {
-  const Rows r = check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix,
-                                     temperature, with_ce, device);
-  TORCH_CHECK(out.device() == student.device(), "out must be on the student's device ", student.device(), "; got ",
-              out.device());
-  TORCH_CHECK(out.scalar_type() == student.scalar_type(), "out must have the student's dtype ",
-              student.scalar_type(), "; got ", out.scalar_type());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == r.n && out.size(1) == r.vocab, "out must have shape [", r.n, ", ",
-              r.vocab, "]; got ", out.sizes());
-  TORCH_CHECK(out.is_contiguous(), "out must be contiguous; got strides ", out.strides());
-  // the rows re-read the logits after writing a chunk of the gradient
-  TORCH_CHECK(!may_overlap(out, student), "out must not overlap the student");
-  TORCH_CHECK(!r.read_teacher || !may_overlap(out, *teacher), "out must not overlap the teacher");
-  return r;
-}
-
 }  // namespace distillkit
 
 TORCH_LIBRARY(distillkit_ext, m) {
   m.def(
-      "rows_forward(Tensor student, Tensor? teacher, Tensor? labels, int divergence, float mix, "
-      "float temperature, int ignore_index, bool with_ce) -> (Tensor div, Tensor ce, Tensor stats)");
+      "rows_forward(Tensor student, Tensor? teacher, Tensor? labels, int divergence, float param_a, "
+      "float param_b, float temperature, int ignore_index, bool with_ce, int div_vocab) -> (Tensor, Tensor, Tensor)");
   m.def(
       "rows_backward(Tensor grad_div, Tensor grad_ce, Tensor student, Tensor? teacher, Tensor? labels, "
-      "Tensor stats, int divergence, float mix, float temperature, int ignore_index, bool with_ce) -> Tensor");
-  // The same into a caller's [N, V] buffer: a reused buffer skips the page faults of a fresh one.
-  // Returns nothing: torch.compile functionalizes custom ops that mutate, but not ones whose
-  // output aliases an input.
-  m.def(
-      "rows_backward_into(Tensor grad_div, Tensor grad_ce, Tensor student, Tensor? teacher, Tensor? labels, "
-      "Tensor stats, int divergence, float mix, float temperature, int ignore_index, bool with_ce, "
-      "Tensor(a!) out) -> ()");
+      "Tensor stats, int divergence, float param_a, float param_b, float temperature, int ignore_index, "
+      "bool with_ce, int div_vocab) -> Tensor");
 }
 
 // `import distillkit._C` needs a module init function; the ops above are the payload. The one

@@ -15,7 +15,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "compare": ("distillkit.tools.compare", "every available backend against the float64 reference (exit 1 on failure)"),
+    "compare": ("distillkit.tools.compare",
+                "every available backend against the float64 reference (exit 1 on failure)"),
     "bench": ("distillkit.tools.bench.report", "run or read the benchmark suite; print a table, draw a comparison"),
     "env": ("distillkit.tools.envinfo", "what was built and which backends run here"),
     "kernels": ("distillkit.tools.kernel_report", "register and spill report of the compiled kernels"),

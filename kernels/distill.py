@@ -21,7 +21,7 @@ entries below the smallest normal fp32 are stored as 0.
 Memory traffic (one unit = one read of one [N, V] logits tensor):
 - forward_kl / reverse_kl: one online pass over s and t (2 units); D comes
   from running sums rescaled like the online-softmax normalizer.
-- jsd / skew / tvd: log(m) needs both normalizers first, so two passes (4).
+- jsd / skew / tvd / alpha_beta: terms need both normalizers first, so two passes (4).
 - backward: one read of s and t and one write of the gradient (3).
 - CE only (DIVERGENCE == 0): the teacher is never read (1 + 2 units).
 
@@ -33,7 +33,7 @@ student's ids beyond it take part in the CE term only.
 import triton
 import triton.language as tl
 
-# Divergence ids (constexpr switch); names in distillkit._checks.DIVERGENCE_IDS.
+# Divergence ids (constexpr switch): distillkit/core/divergences.py, checked by tests/core/test_divergence_registry.py.
 NONE = tl.constexpr(0)
 FORWARD_KL = tl.constexpr(1)
 REVERSE_KL = tl.constexpr(2)
@@ -41,8 +41,9 @@ JSD = tl.constexpr(3)
 SKEW_FORWARD_KL = tl.constexpr(4)
 SKEW_REVERSE_KL = tl.constexpr(5)
 TVD = tl.constexpr(6)
+ALPHA_BETA = tl.constexpr(7)
 
-# Per row (distillkit/backends/_rows.py): max t, log-sum at T (teacher); max s, log-sum at T (student);
+# Per row (distillkit/core/backends/_rows.py): max t, log-sum at T (teacher); max s, log-sum at T (student);
 # c; max s, log-sum at T = 1 (CE over the whole vocabulary); for the one-pass KLs the other side's logit
 # at the weighting side's argmax (the reference of their cancellation-free sums; 0 otherwise).
 NUM_STATS = tl.constexpr(8)
@@ -106,8 +107,9 @@ def _log_probs(x, m, ls, inv_temperature):
 
 
 @triton.jit
-def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
-    """Per-element (d_j, h_j): sum_j d_j = D and h_j = q_j * dD/dq_j. 0 where the weighting probability is 0."""
+def _divergence_terms(log_p, log_q, p, q, param_a, param_b, DIVERGENCE: tl.constexpr):
+    """Per-element (d_j, h_j): sum_j d_j = D and h_j = q_j * dD/dq_j. 0 where the weighting probability is 0.
+    (param_a, param_b) are the divergence's parameters (distillkit/core/divergences.py: beta, skew, (alpha, beta))."""
     if DIVERGENCE == FORWARD_KL:
         d = tl.where(p > 0, p * (log_p - log_q), 0.0)
         h = -p
@@ -115,33 +117,82 @@ def _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE: tl.constexpr):
         d = tl.where(q > 0, q * (log_q - log_p), 0.0)
         h = d
     elif DIVERGENCE == JSD:
-        # mix = beta, m = beta p + (1 - beta) q
-        m = mix * p + (1.0 - mix) * q
+        # param_a = beta, m = beta p + (1 - beta) q
+        m = param_a * p + (1.0 - param_a) * q
         log_m = tl.log(tl.where(m > 0, m, 1.0))
         kl_q = tl.where(q > 0, q * (log_q - log_m), 0.0)
-        d = mix * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - mix) * kl_q
-        h = (1.0 - mix) * kl_q
+        d = param_a * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - param_a) * kl_q
+        h = (1.0 - param_a) * kl_q
     elif DIVERGENCE == SKEW_FORWARD_KL:
-        # mix = skew, m = skew p + (1 - skew) q
-        m = mix * p + (1.0 - mix) * q
+        # param_a = skew, m = skew p + (1 - skew) q
+        m = param_a * p + (1.0 - param_a) * q
         m_pos = m > 0
         d = tl.where(p > 0, p * (log_p - tl.log(tl.where(m_pos, m, 1.0))), 0.0)
-        h = tl.where(m_pos, -(1.0 - mix) * p * q / tl.where(m_pos, m, 1.0), 0.0)
+        h = tl.where(m_pos, -(1.0 - param_a) * p * q / tl.where(m_pos, m, 1.0), 0.0)
     elif DIVERGENCE == SKEW_REVERSE_KL:
-        # mix = skew, m = (1 - skew) p + skew q
-        m = (1.0 - mix) * p + mix * q
+        # param_a = skew, m = (1 - skew) p + skew q
+        m = (1.0 - param_a) * p + param_a * q
         m_pos = m > 0
         m_safe = tl.where(m_pos, m, 1.0)
         d = tl.where(q > 0, q * (log_q - tl.log(m_safe)), 0.0)
-        h = d - tl.where(m_pos, mix * q * q / m_safe, 0.0)
+        h = d - tl.where(m_pos, param_a * q * q / m_safe, 0.0)
     elif DIVERGENCE == TVD:
         diff = q - p
         d = 0.5 * tl.abs(diff)
         h = 0.5 * q * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    elif DIVERGENCE == ALPHA_BETA:
+        d, h = _alpha_beta_terms(log_p, log_q, p, q, param_a, param_b)
     else:
-        d = tl.zeros_like(q)
-        h = tl.zeros_like(q)
+        tl.static_assert(False, "unknown divergence id (distillkit/core/divergences.py)")
     return d, h
+
+
+@triton.jit
+def _alpha_beta_terms(log_p, log_q, p, q, alpha, beta):
+    """alpha-beta divergence, D = -1/(alpha beta) sum (p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)), with
+    h = q dD/dq = (q^(a+b) - p^a q^b) / alpha. Powers as exp(x log p): 0 for p = 0. The limits beta = 0
+    (alpha = 1: forward KL) and alpha = 0 (beta = 1: reverse KL) have their own terms (Cichocki et al.)."""
+    if beta == 0.0:
+        p_a = tl.exp(alpha * log_p)
+        q_a = tl.exp(alpha * log_q)
+        d = (tl.where(p > 0, alpha * p_a * (log_p - log_q), 0.0) + (q_a - p_a)) / (alpha * alpha)
+        h = (q_a - p_a) / alpha
+    elif alpha == 0.0:
+        p_b = tl.exp(beta * log_p)
+        q_b = tl.exp(beta * log_q)
+        kl = tl.where(q > 0, q_b * (log_q - log_p), 0.0)
+        d = (beta * kl + (p_b - q_b)) / (beta * beta)
+        h = kl
+    else:
+        total = alpha + beta
+        p_a_q_b = tl.exp(alpha * log_p + beta * log_q)
+        p_s = tl.exp(total * log_p)
+        q_s = tl.exp(total * log_q)
+        d = -(p_a_q_b - (alpha / total) * p_s - (beta / total) * q_s) / (alpha * beta)
+        h = (q_s - p_a_q_b) / alpha
+    return d, h
+
+
+@triton.jit
+def _terms_sums(s_row, t_row, div_vocab_size, m_t, ls_a, m_s, ls_b, param_a, param_b, inv_temperature,
+                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(sum_j d_j, sum_j h_j) over a row's first div_vocab_size ids, with log p and log q from the given raw
+    maxima and log-sums: the second pass of the two-pass divergences (the row's own normalizers in the
+    core forward, the global ones in the vocabulary-parallel shard pass)."""
+    cols = tl.arange(0, BLOCK_V)
+    d_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
+    h_sum = d_sum
+    for start in range(0, div_vocab_size, BLOCK_V):
+        offs = start + cols
+        in_row = offs < div_vocab_size
+        t = tl.load(t_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+        s = tl.load(s_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+        _, log_p = _log_probs(t, m_t, ls_a, inv_temperature)
+        _, log_q = _log_probs(s, m_s, ls_b, inv_temperature)
+        d, h = _divergence_terms(log_p, log_q, tl.exp(log_p), tl.exp(log_q), param_a, param_b, DIVERGENCE)
+        d_sum += tl.sum(tl.where(in_row, d, 0.0), 0)
+        h_sum += tl.sum(tl.where(in_row, h, 0.0), 0)
+    return d_sum, h_sum
 
 
 @triton.jit
@@ -169,7 +220,7 @@ def distill_forward_kernel(
     student_ptr, teacher_ptr, labels_ptr,
     div_ptr, ce_ptr, stats_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-    vocab_size, div_vocab_size, mix, inv_temperature, ignore_index,
+    vocab_size, div_vocab_size, param_a, param_b, inv_temperature, ignore_index,
     DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per row: per-row D, ce and the statistics the backward needs."""
@@ -221,17 +272,9 @@ def distill_forward_kernel(
         c = w / z_b * inv_temperature
         div = c + (m_t - ref) * inv_temperature - (ls_b - ls_a)
     elif DIVERGENCE != NONE:
-        # Pass 2: the mixture divergences need both normalized distributions.
-        for start in range(0, div_vocab_size, BLOCK_V):
-            offs = start + cols
-            in_row = offs < div_vocab_size
-            t = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
-            s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
-            _, log_p = _log_probs(t, m_t, ls_a, inv_temperature)
-            _, log_q = _log_probs(s, m_b, ls_b, inv_temperature)
-            d, h = _divergence_terms(log_p, log_q, tl.exp(log_p), tl.exp(log_q), mix, DIVERGENCE)
-            div += tl.sum(tl.where(in_row, d, 0.0), 0)
-            c += tl.sum(tl.where(in_row, h, 0.0), 0)
+        # Pass 2: the two-pass divergences need both normalized distributions.
+        div, c = _terms_sums(s_row, t_row, div_vocab_size, m_t, ls_a, m_b, ls_b, param_a, param_b, inv_temperature,
+                             DIVERGENCE, BLOCK_V)
     if DIVERGENCE != NONE:
         # A row with a NaN or +inf, or nothing finite, defines no distribution (docs/DESIGN.md).
         defined = _is_finite(m_t) & _is_finite(ls_a) & _is_finite(m_b) & _is_finite(ls_b)
@@ -276,7 +319,7 @@ def _row_coefficients(row, grad_div_ptr, grad_ce_ptr, labels_ptr, ignore_index, 
 def _store_grad_block(
     row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-    vocab_size, div_vocab_size, mix, inv_temperature,
+    vocab_size, div_vocab_size, param_a, param_b, inv_temperature,
     DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One block of grad_s = g_div / T * (h - q c) + g_ce * (softmax(s) - onehot(label)) from the row's stats,
@@ -313,7 +356,7 @@ def _store_grad_block(
                     rel = ((tl.where(in_div, s, NEG_INF) - tl.load(stats_row + 2)) - (t - tl.load(stats_row + 7)))
                     d_db = tl.where(q > 0, q * (rel * inv_temperature - c), 0.0)
                 else:
-                    _, h = _divergence_terms(log_p, log_q, p, q, mix, DIVERGENCE)
+                    _, h = _divergence_terms(log_p, log_q, p, q, param_a, param_b, DIVERGENCE)
                     d_db = h - q * c
                 d_db = tl.where(c == c, d_db, float("nan"))  # a row with no distribution (c = NaN): NaN
                 grad += (g_div * inv_temperature) * d_db
@@ -331,7 +374,7 @@ def _store_grad_block(
 def distill_backward_kernel(
     grad_div_ptr, grad_ce_ptr, student_ptr, teacher_ptr, labels_ptr, stats_ptr, grad_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-    vocab_size, div_vocab_size, mix, inv_temperature, ignore_index,
+    vocab_size, div_vocab_size, param_a, param_b, inv_temperature, ignore_index,
     DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Grid (rows, vocabulary blocks):
@@ -343,4 +386,4 @@ def distill_backward_kernel(
                                            WITH_CE, True)
     _store_grad_block(row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
                       s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-                      vocab_size, div_vocab_size, mix, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)
+                      vocab_size, div_vocab_size, param_a, param_b, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)

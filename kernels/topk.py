@@ -2,7 +2,7 @@
 
 Per row: student logits s [V], temperature T, b = s / T; the teacher's K ids i_k (id < 0 or >= V:
 absent) and its log-probabilities lp_k over the categories, already normalized by the caller
-(distillkit/topk.py): over the K ids ("renormalize") or over K ids + one tail bucket lp_tail
+(distillkit/sparse/topk.py): over the K ids ("renormalize") or over K ids + one tail bucket lp_tail
 ("bucket"). Absent ids have lp_k = -inf and are no category.
 
 Student side, with L = lse(b) over the full row and g_k = b[i_k]:
@@ -10,7 +10,7 @@ Student side, with L = lse(b) over the full row and g_k = b[i_k]:
     renormalize  lq_k = g_k - lse_k(g)                      (q restricted to the K ids, renormalized)
     bucket       lq_k = g_k - L,   q_tail = max(1 - sum_k q_k, rest_floor), computed as (Z - Z_K) / Z
                  from the row's sums Z = sum_j e^(b_j - m), Z_K = sum_k e^(g_k - m) with one reference m;
-                 the floor (2**-20, distillkit.reference_topk.REST_FLOOR) is about the resolution of
+                 the floor (2**-20, distillkit.sparse.reference.REST_FLOOR) is about the resolution of
                  that difference in fp32 (the teacher's rest is floored the same way by the caller)
 
     forward_kl   D = sum_c p_c (lp_c - lq_c)     reverse_kl  D = sum_c q_c (lq_c - lp_c)
@@ -32,29 +32,11 @@ read of s and one write of the dense gradient (2 units).
 import triton
 import triton.language as tl
 
-from .distill import FORWARD_KL, NONE, REVERSE_KL, _row_coefficients, _store_ce
+from .distill import (FORWARD_KL, NONE, REVERSE_KL, _online_lse_step, _row_coefficients, _row_offset, _safe_max,
+                      _store_ce)
 
 # The top-k stats row: (lse_norm (L for bucket, lse_k(g) for renormalize), lq_tail, D, lse(s)).
 NUM_STATS = tl.constexpr(4)
-
-
-@triton.jit
-def _row_start(row, n_inner, stride_outer, stride_inner):
-    return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
-
-
-@triton.jit
-def _finite_or_zero(m):
-    # exp(x - m) with m = -inf (nothing seen yet) must give 0, not NaN.
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _lse_step(m, z, x):
-    """Merge block x into the running (max m, sum z of exp(x - m))."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    m_ref = _finite_or_zero(m_new)
-    return m_new, z * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), 0)
 
 
 @triton.jit
@@ -82,7 +64,7 @@ def topk_forward_kernel(
     """One program per row: D, ce and the statistics of the backward.
     BUCKET implies DIVERGENCE != NONE; FULL_PASS = WITH_CE or BUCKET (set by the launcher)."""
     row = tl.program_id(0).to(tl.int64)
-    s_row = student_ptr + _row_start(row, s_n_inner, s_stride_outer, s_stride_inner)
+    s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
     NEG_INF: tl.constexpr = float("-inf")
     zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
     m_b, z_b = zero + NEG_INF, zero  # b = s / T (bucket)
@@ -93,9 +75,9 @@ def topk_forward_kernel(
             offs = start + cols
             s = tl.load(s_row + offs, mask=offs < vocab_size, other=NEG_INF).to(tl.float32)
             if WITH_CE:
-                m_s, z_s = _lse_step(m_s, z_s, s)
+                m_s, z_s = _online_lse_step(m_s, z_s, s, 1.0)
             if BUCKET:
-                m_b, z_b = _lse_step(m_b, z_b, s * inv_temperature)
+                m_b, z_b = _online_lse_step(m_b, z_b, s * inv_temperature, 1.0)
 
     div = zero
     lse_norm = zero
@@ -104,7 +86,7 @@ def topk_forward_kernel(
         _, present, _, g, lp = _gather_topk(s_row, ids_ptr, tlp_ptr, row, k, vocab_size, inv_temperature, BLOCK_K)
         p = tl.exp(lp)
         if BUCKET:
-            m_ref = _finite_or_zero(m_b)
+            m_ref = _safe_max(m_b)
             z_k = tl.sum(tl.exp(g - m_ref), 0)
             lse_norm = m_b + tl.log(z_b)
             lq = g - lse_norm
@@ -114,8 +96,8 @@ def topk_forward_kernel(
             p_tail = tl.exp(lp_tail)
         else:
             m_g = tl.max(g, 0)
-            lse_norm = m_g + tl.log(tl.sum(tl.exp(g - _finite_or_zero(m_g)), 0))
-            lq = g - _finite_or_zero(lse_norm)
+            lse_norm = m_g + tl.log(tl.sum(tl.exp(g - _safe_max(m_g)), 0))
+            lq = g - _safe_max(lse_norm)
         q = tl.exp(lq)
         if DIVERGENCE == FORWARD_KL:
             div = tl.sum(tl.where(p > 0, p * (lp - lq), 0.0), 0)
@@ -160,7 +142,7 @@ def topk_backward_kernel(
             offs = start + cols
             tl.store(grad_row + offs, tl.zeros([BLOCK_V], tl.float32).to(out_dtype), mask=offs < vocab_size)
     else:
-        s_row = student_ptr + _row_start(row, s_n_inner, s_stride_outer, s_stride_inner)
+        s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
         stats_row = stats_ptr + row * NUM_STATS
         lse_norm = tl.load(stats_row + 0)
         lq_tail = tl.load(stats_row + 1)
@@ -195,7 +177,7 @@ def topk_backward_kernel(
                 tl.debug_barrier()  # pass 1's stores of this row land before pass 2 overwrites some
                 ids, present, s_k, g, lp = _gather_topk(s_row, ids_ptr, tlp_ptr, row, k, vocab_size,
                                                    inv_temperature, BLOCK_K)
-                lq = g - _finite_or_zero(lse_norm)
+                lq = g - _safe_max(lse_norm)
                 q = tl.exp(lq)
                 p = tl.exp(lp)
                 if DIVERGENCE == FORWARD_KL:

@@ -5,7 +5,7 @@ shard (max, sum of exponentials, the KL accumulators) come from the core forward
 (kernels/distill.py); the two kernels here are the parts that need the GLOBAL
 per-row log-normalizers, which the caller all-reduces first (docs/DISTRIBUTED.md):
 
-- ``shard_terms_kernel``: for the mixture divergences (jsd, skew, tvd), the sums over the
+- ``shard_terms_kernel``: for the two-pass divergences (jsd, skew, tvd, alpha_beta), the sums over the
   shard of d_j and h_j with p and q normalized globally:
   D = sum over ranks of sum d, c = sum over ranks of sum h. One pass over s and t (2 units).
 - ``shard_backward_kernel``: the student gradient of the shard,
@@ -24,14 +24,14 @@ every log-sum the global log-normalizer.
 import triton
 import triton.language as tl
 
-from .distill import NUM_STATS, _divergence_terms, _log_probs, _row_coefficients, _row_offset, _store_grad_block
+from .distill import NUM_STATS, _row_coefficients, _row_offset, _store_grad_block, _terms_sums
 
 
 @triton.jit
 def shard_terms_kernel(
     student_ptr, teacher_ptr, stats_ptr, d_ptr, h_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-    div_vocab_size, mix, inv_temperature,
+    div_vocab_size, param_a, param_b, inv_temperature,
     DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per row: sum_j d_j and sum_j h_j over the shard's first div_vocab_size ids,
@@ -39,25 +39,10 @@ def shard_terms_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
     t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
-    cols = tl.arange(0, BLOCK_V)
-    NEG_INF: tl.constexpr = float("-inf")
     stats_row = stats_ptr + row * NUM_STATS
-    m_t = tl.load(stats_row + 0)
-    ls_a = tl.load(stats_row + 1)
-    m_s = tl.load(stats_row + 2)
-    ls_b = tl.load(stats_row + 3)
-    d_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
-    h_sum = d_sum
-    for start in range(0, div_vocab_size, BLOCK_V):
-        offs = start + cols
-        in_row = offs < div_vocab_size
-        t = tl.load(t_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
-        s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
-        _, log_p = _log_probs(t, m_t, ls_a, inv_temperature)
-        _, log_q = _log_probs(s, m_s, ls_b, inv_temperature)
-        d, h = _divergence_terms(log_p, log_q, tl.exp(log_p), tl.exp(log_q), mix, DIVERGENCE)
-        d_sum += tl.sum(tl.where(in_row, d, 0.0), 0)
-        h_sum += tl.sum(tl.where(in_row, h, 0.0), 0)
+    d_sum, h_sum = _terms_sums(s_row, t_row, div_vocab_size, tl.load(stats_row + 0), tl.load(stats_row + 1),
+                               tl.load(stats_row + 2), tl.load(stats_row + 3), param_a, param_b, inv_temperature,
+                               DIVERGENCE, BLOCK_V)
     tl.store(d_ptr + row, d_sum)
     tl.store(h_ptr + row, h_sum)
 
@@ -66,7 +51,7 @@ def shard_terms_kernel(
 def shard_backward_kernel(
     grad_div_ptr, grad_ce_ptr, student_ptr, teacher_ptr, labels_ptr, stats_ptr, grad_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-    vocab_size, div_vocab_size, mix, inv_temperature,
+    vocab_size, div_vocab_size, param_a, param_b, inv_temperature,
     DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Grid (rows, vocabulary blocks): the shard's slice of
@@ -80,4 +65,4 @@ def shard_backward_kernel(
     g_div, g_ce, label = _row_coefficients(row, grad_div_ptr, grad_ce_ptr, labels_ptr, -1, vocab_size, WITH_CE, False)
     _store_grad_block(row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
                       s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-                      vocab_size, div_vocab_size, mix, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)
+                      vocab_size, div_vocab_size, param_a, param_b, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)

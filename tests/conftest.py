@@ -1,15 +1,17 @@
-"""Test configuration: Triton kernels run on CPU tensors through the interpreter.
+"""Test configuration: without a GPU, Triton kernels run on CPU tensors through the interpreter.
 
-TRITON_INTERPRET must be set before distillkit (and so the kernels) is imported,
-since the @triton.jit decorator decides at import time. Shared helpers are in helpers.py.
+TRITON_INTERPRET must be set before distillkit (and so the kernels) is imported, since the
+@triton.jit decorator decides at import time. With a GPU it is left unset, so that the Triton
+cases run the compiled kernels on CUDA tensors. Shared helpers are in helpers.py.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Helpers shared by the test groups (tests/<layer>/): the backends and dtypes of the op matrix,
+"""Helpers shared by the test groups (tests/<layer>/): the devices, backends and dtypes of the op matrix,
 and multi-process workers (gloo on CPU)."""
 
 import contextlib
@@ -8,19 +8,54 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distillkit.core import backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def available_backends() -> list[str]:
-    names = ["torch"]
-    if backends.triton_usable(torch.device("cpu")):
-        names.append("triton")
-    if backends.native_usable(torch.device("cpu")):
-        names.append("cpu")
+# The matrix runs on every device here: CPU always (Triton through the interpreter, see conftest.py),
+# and CUDA where there is a GPU, so that the same tests check compiled Triton and the cuda backend.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def available_backends(device: str = "cpu") -> list[str]:
+    """The backends (registry order) that run the dense op on `device` here."""
+    names = []
+    for name in backends.REGISTRY:
+        try:
+            backends.resolve(name, torch.device(device), torch.float32)
+        except ValueError:
+            continue
+        names.append(name)
     return names
+
+
+def compiled(fn, device: str):
+    """torch.compile(fn, fullgraph=True): Inductor on CUDA; on CPU "aot_eager", which traces the same graph
+    through AOTAutograd and the ops' fake implementations without compiling C++ for every case."""
+    torch._dynamo.reset()  # a fresh cache: the matrix's shapes and options would hit the recompile limit
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend="inductor" if device == "cuda" else "aot_eager")
+
+
+# -- host-device synchronization ----------------------------------------------------------------
+
+# aten ops that read a tensor's value back to the host (.item(), bool(), data-dependent shapes)
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique", "_unique2",
+               "repeat_interleave", "equal", "allclose"}
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every aten op dispatched inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 # -- multi-process tests (gloo on CPU) ------------------------------------------------------------

@@ -13,12 +13,10 @@ from typing import Optional, Union
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-# Integer ids the kernels switch on; 0 means "no divergence term" (CE only).
-DIVERGENCE_IDS = {name: i + 1 for i, name in enumerate(DIVERGENCES)}
-NO_DIVERGENCE = 0
+from . import backends, divergences
+
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch", "cpu", "cuda")
+BACKENDS = backends.NAMES
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 Weight = Union[float, int, torch.Tensor]
@@ -57,19 +55,16 @@ def check_number(name: str, value) -> float:
 
 
 def check_options(*, divergence: str, beta: float, skew: float, temperature: float,
-                  reduction: str, backend: str) -> None:
-    check_choice("divergence", divergence, DIVERGENCES)
+                  reduction: str, backend: str, alpha_beta=divergences.Options.alpha_beta) -> divergences.Options:
+    """Check the loss options; returns the divergence options (distillkit/core/divergences.py)."""
+    options = divergences.Options(beta, skew, alpha_beta)
+    divergences.check(divergence, options)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
     temperature = check_number("temperature", temperature)
-    beta = check_number("beta", beta)
-    skew = check_number("skew", skew)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
-    if not (0.0 < beta < 1.0):
-        raise ValueError(f"beta must be in (0, 1); got {beta}")
-    if not (0.0 <= skew < 1.0):
-        raise ValueError(f"skew must be in [0, 1); got {skew}")
+    return options
 
 
 VOCAB_MISMATCH = ("error", "truncate")
@@ -140,6 +135,35 @@ def check_weight(name: str, weight: Weight, lead_shape: torch.Size, device: torc
             f"{tuple(lead_shape)} of the logits")
     if weight.device != device:
         raise ValueError(f"{name} is on {weight.device} but the logits are on {device}")
+
+
+def is_literal_zero(weight: Weight) -> bool:
+    """A Python 0 weight: its term is not computed at all (a tensor of zeros still is, for its gradient)."""
+    return not isinstance(weight, torch.Tensor) and weight == 0
+
+
+def check_terms_inputs(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor], *,
+                       with_divergence: bool, with_ce: Optional[bool], vocab_mismatch: str) -> bool:
+    """The checks of every per-token terms entry point; returns with_ce (None: whether labels are given)."""
+    check_pair(student, teacher if with_divergence else None, vocab_mismatch)
+    check_labels(labels, student)
+    if with_divergence and teacher is None:
+        raise ValueError("teacher_logits is None: pass teacher logits, or kl_weight=0.0 for a CE-only loss")
+    with_ce = labels is not None if with_ce is None else with_ce
+    if with_ce and labels is None:
+        raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
+    return with_ce
+
+
+def check_loss_inputs(student: torch.Tensor, labels: Optional[torch.Tensor], kl_weight: Weight, ce_weight: Weight,
+                      normalizer) -> None:
+    """The checks of every weighted-loss entry point (the logits, the weights, the normalizer)."""
+    check_logits("student_logits", student)
+    check_weight("kl_weight", kl_weight, student.shape[:-1], student.device)
+    check_weight("ce_weight", ce_weight, student.shape[:-1], student.device)
+    check_normalizer(normalizer)
+    if labels is None and not is_literal_zero(ce_weight):
+        raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
 
 
 def check_normalizer(normalizer) -> None:

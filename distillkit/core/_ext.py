@@ -1,8 +1,7 @@
 """The compiled extension `distillkit._C` (csrc/): its availability and the fake
-(meta) implementations of its ops, `torch.ops.distillkit_ext.rows_forward`,
-`rows_backward` and `rows_backward_into` (the gradient into a caller's buffer), so
-they can be traced and opcheck'ed. Importing this module never fails: without the extension,
-`available()` is False and `load_error()` says why.
+(meta) implementations of its ops, `torch.ops.distillkit_ext.rows_forward` and
+`rows_backward`, so they can be traced and opcheck'ed. Importing this module never fails:
+without the extension, `available()` is False and `load_error()` says why.
 """
 
 from __future__ import annotations
@@ -11,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from .backends._rows import NUM_STATS
+# The stats columns, backends._rows.NUM_STATS: not imported from there, since backends imports this module.
+NUM_STATS = 8
 
 _error: Optional[BaseException] = None
 try:
@@ -46,21 +46,15 @@ def describe() -> str:
 
 if _C is not None:
     @torch.library.register_fake("distillkit_ext::rows_forward")
-    def _rows_forward_fake(student, teacher, labels, divergence, mix, temperature, ignore_index, with_ce):
+    def _rows_forward_fake(student, teacher, labels, divergence, param_a, param_b, temperature, ignore_index,
+                           with_ce, div_vocab):
         torch._check(student.dim() == 2, lambda: "student must be 2-D [rows, vocab]")
         n = student.shape[0]
         return (student.new_empty((n,), dtype=torch.float32), student.new_empty((n,), dtype=torch.float32),
                 student.new_empty((n, NUM_STATS), dtype=torch.float32))
 
     @torch.library.register_fake("distillkit_ext::rows_backward")
-    def _rows_backward_fake(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
-                            ignore_index, with_ce):
+    def _rows_backward_fake(grad_div, grad_ce, student, teacher, labels, stats, divergence, param_a, param_b,
+                            temperature, ignore_index, with_ce, div_vocab):
         torch._check(student.dim() == 2, lambda: "student must be 2-D [rows, vocab]")
         return student.new_empty(student.shape)  # contiguous, student dtype
-
-    def _rows_backward_into_fake(grad_div, grad_ce, student, teacher, labels, stats, divergence, mix, temperature,
-                                 ignore_index, with_ce, out):
-        torch._check(out.shape == student.shape, lambda: f"out must have shape {tuple(student.shape)}")
-
-    if hasattr(torch.ops.distillkit_ext, "rows_backward_into"):  # absent from an older build of _C
-        torch.library.register_fake("distillkit_ext::rows_backward_into")(_rows_backward_into_fake)

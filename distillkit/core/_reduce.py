@@ -1,4 +1,4 @@
-"""Per-token weighting and reduction, shared by the fused op and the reference.
+"""Per-token weighting and reduction of the fused losses (the reference has its own).
 
 Everything here is O(tokens): it runs as ordinary PyTorch autograd on top of
 the per-row divergence and cross-entropy, so per-token weights receive
@@ -7,15 +7,22 @@ gradients and `torch.compile` sees plain tensor ops.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from ._checks import Weight
+from ._checks import Weight, is_literal_zero
 
 
-def _is_zero(weight: Weight) -> bool:
-    return not isinstance(weight, torch.Tensor) and weight == 0
+class LossTerms(NamedTuple):
+    divergence: torch.Tensor  # [...] fp32, D per token, not scaled by T**2 (0 when kl_weight == 0.0)
+    cross_entropy: torch.Tensor  # [...] fp32, 0 where the label is ignored
+    valid_label: Optional[torch.Tensor]  # [...] bool, None without labels
+
+
+def valid_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Labels that take part in the CE term: not ignore_index and inside [0, V)."""
+    return (labels != ignore_index) & (labels >= 0) & (labels < vocab_size)
 
 
 def _attached_zero(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +40,7 @@ def mask_ignored_tokens(kl_weight: Weight, valid_label: Optional[torch.Tensor],
     """
     if not isinstance(divergence_on_ignored, bool):
         raise TypeError(f"divergence_on_ignored must be a bool; got {type(divergence_on_ignored).__name__}")
-    if divergence_on_ignored or valid_label is None or _is_zero(kl_weight):
+    if divergence_on_ignored or valid_label is None or is_literal_zero(kl_weight):
         return kl_weight
     if isinstance(kl_weight, torch.Tensor):
         # where(), not a product: the weight of an ignored token gets no gradient and its D (NaN or
@@ -63,7 +70,7 @@ def weigh_and_reduce(
         loss = loss + torch.where(kl_weight != 0, kl_weight * (divergence * scale), 0.0)
     elif kl_weight != 0:
         loss = loss + (kl_weight * scale) * divergence
-    if not _is_zero(ce_weight):
+    if not is_literal_zero(ce_weight):
         loss = loss + ce_weight * cross_entropy
     if reduction == "none":
         return loss

@@ -42,6 +42,7 @@ class Divergence:
     params: Callable[[Options], tuple[float, float]]
     # D from one online pass over the logits (the KLs); the others need both normalizers first.
     one_pass: bool = False
+    topk: bool = False  # the top-k op (sparse teachers) implements it
 
 
 def _none(_: Options) -> tuple[float, float]:
@@ -49,8 +50,8 @@ def _none(_: Options) -> tuple[float, float]:
 
 
 REGISTRY: tuple[Divergence, ...] = (
-    Divergence("forward_kl", 1, "sum p log(p/q)", (), _none, one_pass=True),
-    Divergence("reverse_kl", 2, "sum q log(q/p)", (), _none, one_pass=True),
+    Divergence("forward_kl", 1, "sum p log(p/q)", (), _none, one_pass=True, topk=True),
+    Divergence("reverse_kl", 2, "sum q log(q/p)", (), _none, one_pass=True, topk=True),
     Divergence("jsd", 3, "beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q", ("beta",),
                lambda o: (o.beta, 0.0)),
     Divergence("skew_forward_kl", 4, "KL(p||m), m = skew p + (1-skew) q", ("skew",), lambda o: (o.skew, 0.0)),
@@ -64,6 +65,8 @@ REGISTRY: tuple[Divergence, ...] = (
 NAMES: tuple[str, ...] = tuple(d.name for d in REGISTRY)
 IDS: dict[str, int] = {d.name: d.id for d in REGISTRY}
 MAX_ID = max(IDS.values())
+TWO_PASS_IDS: tuple[int, ...] = tuple(d.id for d in REGISTRY if not d.one_pass)
+TOPK_NAMES: tuple[str, ...] = tuple(d.name for d in REGISTRY if d.topk)
 _BY_ID = {d.id: d for d in REGISTRY}
 
 

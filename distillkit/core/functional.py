@@ -10,26 +10,15 @@ aside, which `check_labels=False` and `torch.compile` skip).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from . import _checks
-from . import backends
+from . import _checks, backends, divergences
 from . import ops  # noqa: F401  (registers torch.ops.distillkit.*)
-from ._checks import DIVERGENCE_IDS, NO_DIVERGENCE, Weight
-from ._reduce import mask_ignored_tokens, weigh_and_reduce
-from .reference import valid_labels
-
-
-class LossTerms(NamedTuple):
-    divergence: torch.Tensor  # [...] fp32, D per token, not scaled by T**2 (0 when kl_weight == 0.0)
-    cross_entropy: torch.Tensor  # [...] fp32, 0 where the label is ignored
-    valid_label: Optional[torch.Tensor]  # [...] bool, None without labels
-
-
-def _is_literal_zero(weight: Weight) -> bool:
-    return not isinstance(weight, torch.Tensor) and weight == 0
+from ._checks import Weight, is_literal_zero
+from .divergences import NO_DIVERGENCE
+from ._reduce import LossTerms, mask_ignored_tokens, valid_labels, weigh_and_reduce
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -55,6 +44,7 @@ def loss_terms(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha_beta: tuple[float, float] = (0.5, 0.5),
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
@@ -64,29 +54,24 @@ def loss_terms(
     vocab_mismatch: str = "error",
 ) -> LossTerms:
     """Per-token divergence and cross-entropy from one fused pass (differentiable w.r.t. the student)."""
-    _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-                          reduction="none", backend=backend)
-    _checks.check_pair(student_logits, teacher_logits if with_divergence else None, vocab_mismatch)
-    _checks.check_labels(labels, student_logits)
-    if with_divergence and teacher_logits is None:
-        raise ValueError("teacher_logits is None: pass teacher logits, or kl_weight=0.0 for a CE-only loss")
-    with_ce = labels is not None if with_ce is None else with_ce
-    if with_ce and labels is None:
-        raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
+    options = _checks.check_options(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                                    temperature=temperature, reduction="none", backend=backend)
+    with_ce = _checks.check_terms_inputs(student_logits, teacher_logits, labels, with_divergence=with_divergence,
+                                         with_ce=with_ce, vocab_mismatch=vocab_mismatch)
     vocab_size = student_logits.shape[-1]
+    resolved = backends.resolve(backend, student_logits.device, student_logits.dtype)
+    div_id = divergences.IDS[divergence] if with_divergence else NO_DIVERGENCE
+    param_a, param_b = divergences.kernel_params(divergence, options)
+    div_vocab = min(vocab_size, teacher_logits.shape[-1]) if with_divergence else vocab_size
+    teacher = teacher_logits.detach() if with_divergence else None
     if vocab_size == 0:
         raise ValueError("student_logits has an empty vocabulary dimension")
     if with_ce and check_labels and not torch.compiler.is_compiling():
         _checks.check_label_range(labels, vocab_size, ignore_index)
-
-    resolved = backends.resolve(backend, student_logits.device, student_logits.dtype)
-    div_id = DIVERGENCE_IDS[divergence] if with_divergence else NO_DIVERGENCE
-    mix = beta if divergence == "jsd" else skew
     kernel_labels = labels.long() if with_ce else None
-    div_vocab = min(vocab_size, teacher_logits.shape[-1]) if with_divergence else vocab_size
     div, ce, _ = torch.ops.distillkit.distill_rows(
-        student_logits, teacher_logits.detach() if with_divergence else None, kernel_labels,
-        div_id, float(mix), float(temperature), int(ignore_index), bool(with_ce), div_vocab, resolved)
+        student_logits, teacher, kernel_labels, div_id, float(param_a), float(param_b), float(temperature),
+        int(ignore_index), bool(with_ce), div_vocab, resolved)
     valid = valid_labels(labels, vocab_size, ignore_index) if labels is not None else None
     return LossTerms(div, ce, valid)
 
@@ -99,6 +84,7 @@ def distill_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha_beta: tuple[float, float] = (0.5, 0.5),
     temperature: float = 1.0,
     temperature_scaling: bool = True,
     kl_weight: Weight = 1.0,
@@ -127,9 +113,12 @@ def distill_loss(
             out of range) takes part in no term, divergence included, and is not counted by "mean" (as in
             TRL, Liger-Kernel and torchtune); see divergence_on_ignored.
         divergence: "forward_kl" KL(p||q) | "reverse_kl" KL(q||p) | "jsd" (beta = teacher weight) |
-            "skew_forward_kl" | "skew_reverse_kl" | "tvd"; p = softmax(t/T), q = softmax(s/T).
+            "skew_forward_kl" | "skew_reverse_kl" | "tvd" | "alpha_beta"; p = softmax(t/T), q = softmax(s/T).
+            The formulas: distillkit/core/divergences.py, README "The math".
         beta: JSD mixture weight of the teacher, in (0, 1).
         skew: skew-KL mixing weight, in [0, 1).
+        alpha_beta: (alpha, beta) of the alpha-beta divergence (ABKD), both >= 0, not both 0; (1, 0) is
+            forward KL, (0, 1) reverse KL.
         temperature: T > 0 for the divergence; CE always uses temperature 1.
         temperature_scaling: multiply the divergence by T**2 (Hinton).
         kl_weight, ce_weight: floats, or tensors broadcastable to the leading shape (per-token weights,
@@ -154,28 +143,23 @@ def distill_loss(
         torch backend in fp32 too: use distillkit.reference for a float64 oracle).
     """
     if process_group is not None:
+        # The op core's one reference to the parallel layer (which does not import this module).
         from ..parallel.api import distill_loss_vocab_parallel
 
         return distill_loss_vocab_parallel(
             student_logits, teacher_logits, labels, process_group=process_group, vocab_start=vocab_start,
-            divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+            divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta, temperature=temperature,
             temperature_scaling=temperature_scaling, kl_weight=kl_weight, ce_weight=ce_weight,
             ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, backend=backend,
             check_labels=check_labels, vocab_mismatch=vocab_mismatch, divergence_on_ignored=divergence_on_ignored)
-    _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-                          reduction=reduction, backend=backend)
-    _checks.check_logits("student_logits", student_logits)
-    lead_shape = student_logits.shape[:-1]
-    _checks.check_weight("kl_weight", kl_weight, lead_shape, student_logits.device)
-    _checks.check_weight("ce_weight", ce_weight, lead_shape, student_logits.device)
-    _checks.check_normalizer(normalizer)
-    if labels is None and not _is_literal_zero(ce_weight):
-        raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
+    _checks.check_options(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                          temperature=temperature, reduction=reduction, backend=backend)
+    _checks.check_loss_inputs(student_logits, labels, kl_weight, ce_weight, normalizer)
     terms = loss_terms(
         student_logits, teacher_logits, labels, divergence=divergence, beta=beta, skew=skew,
-        temperature=temperature, ignore_index=ignore_index, backend=backend, check_labels=check_labels,
-        vocab_mismatch=vocab_mismatch, with_divergence=not _is_literal_zero(kl_weight),
-        with_ce=labels is not None and not _is_literal_zero(ce_weight))
+        alpha_beta=alpha_beta, temperature=temperature, ignore_index=ignore_index, backend=backend,
+        check_labels=check_labels, vocab_mismatch=vocab_mismatch, with_divergence=not is_literal_zero(kl_weight),
+        with_ce=labels is not None and not is_literal_zero(ce_weight))
     kl_weight = mask_ignored_tokens(kl_weight, terms.valid_label, divergence_on_ignored)
     return weigh_and_reduce(*terms, kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
                             temperature_scaling=temperature_scaling, reduction=reduction,

@@ -33,21 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks
-from . import backends
-from . import ops  # noqa: F401  (registers torch.ops.distillkit.distill_rows*)
-from ._checks import DIVERGENCE_IDS, NO_DIVERGENCE, Weight
-from ._reduce import count_active_tokens, mask_ignored_tokens
-from .reference import valid_labels
+from . import _checks, backends, divergences
+from .ops import input_gradients  # also registers torch.ops.distillkit.distill_rows*
+from ._checks import Weight, is_literal_zero
+from .divergences import NO_DIVERGENCE
+from ._reduce import count_active_tokens, mask_ignored_tokens, valid_labels
 from .vocab import check_policy, shared_vocab_size
 
 # Bytes of chunk temporaries per token row, in units of V: student logits + their gradient (input
 # dtype), teacher logits (teacher dtype), and about four fp32 rows of temporaries inside a backend.
 _FP32_TEMPS_PER_ROW = 4
-
-
-def _is_zero(weight: Weight) -> bool:
-    return not isinstance(weight, torch.Tensor) and weight == 0
 
 
 def default_chunk_size(vocab: int, teacher_vocab: int, elem: int, teacher_elem: int, max_chunk_bytes: int) -> int:
@@ -71,18 +66,18 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _rows_and_grad(s: Tensor, t: Optional[Tensor], y: Optional[Tensor], g_div: Tensor, g_ce: Tensor,
-                   div_id: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+                   div_id: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool,
                    backend: str, need_grad: bool):
     """(D, ce, d(sum g_div D + g_ce ce)/ds) for one chunk of logits. t may cover only the first Vm <= V ids
     (vocab_mismatch="truncate"): D is then over those ids on both sides, ce over the student's V."""
     div_vocab = s.shape[-1] if t is None else t.shape[-1]
-    opts = (div_id, mix, temperature, ignore_index, with_ce, div_vocab, backend)
+    opts = (div_id, param_a, param_b, temperature, ignore_index, with_ce, div_vocab, backend)
     d, e, stats = torch.ops.distillkit.distill_rows(s, t, y, *opts)
     grad = torch.ops.distillkit.distill_rows_backward(g_div, g_ce, s, t, y, stats, *opts) if need_grad else None
     return d, e, grad
 
 
-def _chunk_loop(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, g_div, g_ce, div_id, mix,
+def _chunk_loop(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, g_div, g_ce, div_id, param_a, param_b,
                 temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32,
                 need_hidden, need_weight, need_bias):
     """Per-row (D, ce) and the gradients of sum_r g_div[r] D[r] + g_ce[r] ce[r] w.r.t. hidden/weight/bias."""
@@ -110,7 +105,7 @@ def _chunk_loop(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, g_div,
             s = s.float() if upcast else s
             t = F.linear(t_hidden[rows], t_weight, t_bias) if div_id != NO_DIVERGENCE else None
             y = labels[rows] if with_ce else None
-            d, e, g = _rows_and_grad(s, t, y, g_div[rows], g_ce[rows], div_id, mix, temperature,
+            d, e, g = _rows_and_grad(s, t, y, g_div[rows], g_ce[rows], div_id, param_a, param_b, temperature,
                                      ignore_index, with_ce, backend, need_grad)
             div[rows], ce[rows] = d, e
             del s, t
@@ -134,8 +129,8 @@ def _chunk_loop(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, g_div,
 def fused_linear_distill(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_hidden: Optional[Tensor],
     t_weight: Optional[Tensor], t_bias: Optional[Tensor], labels: Optional[Tensor],
-    coef_div: Tensor, coef_ce: Tensor, divergence: int, mix: float, temperature: float, ignore_index: int,
-    with_ce: bool, backend: str, chunk_size: int, reduce: bool, grad_weight_fp32: bool,
+    coef_div: Tensor, coef_ce: Tensor, divergence: int, param_a: float, param_b: float, temperature: float,
+    ignore_index: int, with_ce: bool, backend: str, chunk_size: int, reduce: bool, grad_weight_fp32: bool,
     need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, D [N], ce [N], grad_hidden, grad_weight, grad_bias).
@@ -147,7 +142,7 @@ def fused_linear_distill(
     """
     grads = reduce and (need_hidden or need_weight or need_bias)
     div, ce, gh, gw, gb = _chunk_loop(
-        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, mix,
+        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
         temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32,
         grads and need_hidden, grads and need_weight, grads and need_bias)
     rows = torch.where(coef_div != 0, coef_div * div, 0.0) + torch.where(coef_ce != 0, coef_ce * ce, 0.0)
@@ -165,7 +160,7 @@ def _grad_shapes(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_wei
 
 
 @fused_linear_distill.register_fake
-def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, mix,
+def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
       temperature, ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, need_hidden,
       need_weight, need_bias):
     n = hidden.shape[0]
@@ -179,30 +174,32 @@ def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_c
 def fused_linear_distill_backward(
     grad_div: Tensor, grad_ce: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     t_hidden: Optional[Tensor], t_weight: Optional[Tensor], t_bias: Optional[Tensor], labels: Optional[Tensor],
-    divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool, backend: str,
+    divergence: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool, backend: str,
     chunk_size: int, grad_weight_fp32: bool, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_r grad_div[r] D[r] + grad_ce[r] ce[r] (recomputes the chunks' logits)."""
     _, _, gh, gw, gb = _chunk_loop(
-        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, grad_div, grad_ce, divergence, mix,
+        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, grad_div, grad_ce, divergence, param_a, param_b,
         temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32, need_hidden, need_weight,
         need_bias)
     return gh, gw, gb
 
 
 @fused_linear_distill_backward.register_fake
-def _(grad_div, grad_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, divergence, mix,
+def _(grad_div, grad_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b,
       temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32, need_hidden, need_weight,
       need_bias):
     return _grad_shapes(hidden, weight, True, grad_weight_fp32, need_hidden, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, mix, temperature,
+    (hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
+     temperature,
      ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, *_) = inputs
     _, div, ce, gh, gw, gb = output
     ctx.reduce = reduce
-    ctx.options = (divergence, mix, temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32)
+    ctx.options = (divergence, param_a, param_b, temperature, ignore_index, with_ce, backend, chunk_size,
+                   grad_weight_fp32)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
     if reduce:
@@ -233,7 +230,8 @@ def _backward(ctx, grad_loss, *_unused):
         g_bias = gb.to(b_dtype) if ctx.has_bias and need[2] else None
     g_coef_div = grad_loss * div if need[7] else None
     g_coef_ce = grad_loss * ce if need[8] else None
-    return (g_hidden, g_weight, g_bias, None, None, None, None, g_coef_div, g_coef_ce) + (None,) * 12
+    return input_gradients(fused_linear_distill, hidden=g_hidden, weight=g_weight, bias=g_bias, coef_div=g_coef_div,
+                           coef_ce=g_coef_ce)
 
 
 fused_linear_distill.register_autograd(_backward, setup_context=_setup_context)
@@ -269,7 +267,8 @@ def fused_linear_distill_loss(
     student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor],
     teacher_weight: Optional[Tensor], labels: Optional[Tensor] = None, *,
     student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
-    divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
+    divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
+    alpha_beta: tuple[float, float] = (0.5, 0.5), temperature: float = 1.0,
     temperature_scaling: bool = True, kl_weight: Weight = 1.0, ce_weight: Weight = 0.0,
     ignore_index: int = -100, reduction: str = "mean", normalizer=None, backend: str = "auto",
     check_labels: bool = True, vocab_mismatch: str = "error", chunk_size: Optional[int] = None,
@@ -283,8 +282,8 @@ def fused_linear_distill_loss(
         student_weight: [V, H] LM head (same dtype); receives a gradient. student_bias: [V] or None.
         teacher_hidden, teacher_weight, teacher_bias: [..., Ht], [Vt, Ht], [Vt] or None; constants. May be
             None when kl_weight == 0.0 (CE only).
-        labels, divergence, beta, skew, temperature, temperature_scaling, kl_weight, ce_weight, ignore_index,
-            reduction, normalizer, backend, check_labels, divergence_on_ignored: exactly as in
+        labels, divergence, beta, skew, alpha_beta, temperature, temperature_scaling, kl_weight, ce_weight,
+        ignore_index, reduction, normalizer, backend, check_labels, divergence_on_ignored: exactly as in
             `distillkit.distill_loss` (by default a token whose label is ignore_index takes part in no term).
         vocab_mismatch: "error" (Vt != V raises) | "truncate" (the divergence compares the distributions over
             the shared first min(V, Vt) ids; CE keeps the student's full vocabulary). See distillkit.core.vocab.
@@ -295,8 +294,8 @@ def fused_linear_distill_loss(
     Returns:
         The loss in float32: a scalar, or the leading shape for reduction="none".
     """
-    _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-                          reduction=reduction, backend=backend)
+    options = _checks.check_options(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                                    temperature=temperature, reduction=reduction, backend=backend)
     check_policy(vocab_mismatch)
     _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     lead, hidden_size = student_hidden.shape[:-1], student_hidden.shape[-1]
@@ -304,9 +303,9 @@ def fused_linear_distill_loss(
     _checks.check_weight("kl_weight", kl_weight, lead, device)
     _checks.check_weight("ce_weight", ce_weight, lead, device)
     _checks.check_normalizer(normalizer)
-    with_div = not _is_zero(kl_weight)
-    with_ce = labels is not None and not _is_zero(ce_weight)
-    if labels is None and not _is_zero(ce_weight):
+    with_div = not is_literal_zero(kl_weight)
+    with_ce = labels is not None and not is_literal_zero(ce_weight)
+    if labels is None and not is_literal_zero(ce_weight):
         raise ValueError("ce_weight is non-zero but labels is None: pass labels for the CE term")
     if vocab == 0:
         raise ValueError("student_weight has an empty vocabulary dimension")
@@ -361,8 +360,9 @@ def fused_linear_distill_loss(
         teacher_bias.detach() if teacher_bias is not None else None,
         labels.reshape(n).long() if with_ce else None,
         coef_div.reshape(n), coef_ce.reshape(n),
-        DIVERGENCE_IDS[divergence] if with_div else NO_DIVERGENCE, float(beta if divergence == "jsd" else skew),
-        float(temperature), int(ignore_index), bool(with_ce), backends.resolve(backend, device), int(chunk_size),
+        divergences.IDS[divergence] if with_div else NO_DIVERGENCE, *divergences.kernel_params(divergence, options),
+        float(temperature), int(ignore_index), bool(with_ce), backends.resolve(backend, device, student_hidden.dtype),
+        int(chunk_size),
         reduction != "none", bool(grad_weight_fp32),
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad)

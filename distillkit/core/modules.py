@@ -25,22 +25,23 @@ class DistillationLoss(nn.Module):
     """
 
     def __init__(self, divergence: str = "forward_kl", *, beta: float = 0.5, skew: float = 0.1,
-                 temperature: float = 1.0, temperature_scaling: bool = True, kl_weight: Weight = 1.0,
+                 alpha_beta: tuple[float, float] = (0.5, 0.5), temperature: float = 1.0,
+                 temperature_scaling: bool = True, kl_weight: Weight = 1.0,
                  ce_weight: Weight = 0.0, ignore_index: int = -100, reduction: str = "mean",
                  backend: str = "auto", check_labels: bool = True, vocab_mismatch: str = "error",
                  divergence_on_ignored: bool = False):
         super().__init__()
         if not isinstance(divergence_on_ignored, bool):
             raise TypeError(f"divergence_on_ignored must be a bool; got {type(divergence_on_ignored).__name__}")
-        self.options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-                            temperature_scaling=temperature_scaling, ignore_index=ignore_index,
+        self.options = dict(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                            temperature=temperature, temperature_scaling=temperature_scaling, ignore_index=ignore_index,
                             reduction=reduction, backend=backend, check_labels=check_labels,
                             vocab_mismatch=vocab_mismatch, divergence_on_ignored=divergence_on_ignored)
         self.kl_weight, self.ce_weight = kl_weight, ce_weight
         # Validate now rather than on the first batch.
         from . import _checks
-        _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-                              reduction=reduction, backend=backend)
+        _checks.check_options(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                              temperature=temperature, reduction=reduction, backend=backend)
 
     def forward(self, student_logits, teacher_logits, labels=None, *, kl_weight: Optional[Weight] = None,
                 ce_weight: Optional[Weight] = None, normalizer=None):
@@ -116,7 +117,8 @@ class SpanDistillationLoss(nn.Module):
     """
 
     def __init__(self, span_weights: Optional[SpanWeights] = None, divergence: str = "forward_kl", *,
-                 learnable: bool = False, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
+                 learnable: bool = False, beta: float = 0.5, skew: float = 0.1,
+                 alpha_beta: tuple[float, float] = (0.5, 0.5), temperature: float = 1.0,
                  temperature_scaling: bool = True, ignore_index: int = -100, reduction: str = "mean",
                  backend: str = "auto", check_labels: bool = True, vocab_mismatch: str = "error"):
         super().__init__()
@@ -129,14 +131,15 @@ class SpanDistillationLoss(nn.Module):
         self._ce_spans = [span for span in Span if table[span, 1] != 0]
         self.learnable = learnable
         self.log_vars = nn.Parameter(torch.zeros(NUM_SPANS, 2)) if learnable else None
-        self.term_options = dict(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+        self.term_options = dict(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                                 temperature=temperature,
                                  ignore_index=ignore_index, backend=backend, check_labels=check_labels,
                                  vocab_mismatch=vocab_mismatch)
         self.temperature_scaling, self.reduction = temperature_scaling, reduction
         self.last_components: dict[str, torch.Tensor] = {}
         from . import _checks
-        _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-                              reduction=reduction, backend=backend)
+        _checks.check_options(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                              temperature=temperature, reduction=reduction, backend=backend)
 
     def effective_table(self) -> torch.Tensor:
         """[NUM_SPANS, 2] (kl_weight, ce_weight) per span, after learned scaling."""

@@ -14,11 +14,16 @@ q = softmax(s/T),
     skew_forward_kl  KL(p || skew p + (1-skew) q)
     skew_reverse_kl  KL(q || (1-skew) p + skew q)
     tvd              1/2 sum |p - q|
+    alpha_beta       -1/(a b) sum (p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)),  (a, b) = alpha_beta,
+                     with the limits b = 0 and a = 0 (forward KL at (1, 0), reverse KL at (0, 1))
 
 D is multiplied by T**2 when temperature_scaling; ce = -log softmax(s)[y] at
 temperature 1 where y != ignore_index; loss = kl_weight * D + ce_weight * ce.
 With vocab_mismatch="truncate", D compares the distributions over the first
 min(V_student, V_teacher) ids and CE keeps the student's whole vocabulary.
+
+It shares no math with the fused losses: the divergences, the weighting and the "mean" count are
+written here again (only the argument checks are common, so that both raise the same errors).
 """
 
 from __future__ import annotations
@@ -28,10 +33,9 @@ from typing import Optional
 import torch
 
 from . import _checks
-from ._reduce import weigh_and_reduce
 
 __all__ = ["distill_loss", "divergence_per_token", "cross_entropy_per_token", "valid_labels",
-           "without_ignored_tokens"]
+           "without_ignored_tokens", "weigh_and_reduce"]
 
 
 def _kl_terms(x: torch.Tensor, log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
@@ -53,14 +57,14 @@ def _no_distribution(logits: torch.Tensor) -> torch.Tensor:
 
 def divergence_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                          divergence: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
-                         temperature: float = 1.0) -> torch.Tensor:
+                         alpha_beta: tuple[float, float] = (0.5, 0.5), temperature: float = 1.0) -> torch.Tensor:
     """D for every token (leading shape), not scaled by T**2; NaN where either row defines no distribution."""
     undefined = _no_distribution(student_logits) | _no_distribution(teacher_logits)
     # Such rows are computed on zeros (any finite row would do) so that autograd through them stays
     # finite; _UndefinedRows then gives them their NaN.
     row_undefined = undefined.unsqueeze(-1)
     div = _divergence(torch.where(row_undefined, 0.0, student_logits), torch.where(row_undefined, 0.0, teacher_logits),
-                      divergence=divergence, beta=beta, skew=skew, temperature=temperature)
+                      divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta, temperature=temperature)
     return _UndefinedRows.apply(div, student_logits, undefined)
 
 
@@ -82,7 +86,26 @@ class _UndefinedRows(torch.autograd.Function):
         return torch.where(undefined, 0.0, grad), torch.where(poisoned, float("nan"), 0.0).to(grad.dtype), None
 
 
-def _divergence(student_logits, teacher_logits, *, divergence, beta, skew, temperature):
+def _power(log_x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """x ** exponent from log x: 0 where x = 0 (exponent > 0), with a finite gradient there."""
+    return torch.exp(exponent * log_x)
+
+
+def _alpha_beta(p, q, log_p, log_q, alpha: float, beta: float) -> torch.Tensor:
+    """The alpha-beta divergence of Cichocki et al. (ABKD), with its two limits written out."""
+    if alpha > 0 and beta > 0:
+        total = alpha + beta
+        cross = _power(log_p, alpha) * _power(log_q, beta)
+        return -(cross - alpha / total * _power(log_p, total) - beta / total * _power(log_q, total)).sum(-1) / (
+            alpha * beta)
+    if beta == 0:  # 1/a^2 sum (p^a log(p^a / q^a) - p^a + q^a)
+        p_a, q_a = _power(log_p, alpha), _power(log_q, alpha)
+        return (alpha * _kl_terms(p_a, log_p, log_q) - p_a.sum(-1) + q_a.sum(-1)) / alpha**2
+    p_b, q_b = _power(log_p, beta), _power(log_q, beta)  # alpha == 0: 1/b^2 sum (q^b log(q^b / p^b) - q^b + p^b)
+    return (beta * _kl_terms(q_b, log_q, log_p) - q_b.sum(-1) + p_b.sum(-1)) / beta**2
+
+
+def _divergence(student_logits, teacher_logits, *, divergence, beta, skew, alpha_beta, temperature):
     log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
     log_q = torch.log_softmax(student_logits / temperature, dim=-1)
     p, q = log_p.exp(), log_q.exp()
@@ -99,6 +122,8 @@ def _divergence(student_logits, teacher_logits, *, divergence, beta, skew, tempe
         return _kl_terms(q, log_q, _safe_log((1 - skew) * p + skew * q))
     if divergence == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
+    if divergence == "alpha_beta":
+        return _alpha_beta(p, q, log_p, log_q, float(alpha_beta[0]), float(alpha_beta[1]))
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
@@ -121,6 +146,25 @@ def without_ignored_tokens(kl_weight, valid: torch.Tensor, like: torch.Tensor) -
     return torch.where(valid, torch.as_tensor(kl_weight, dtype=like.dtype, device=like.device), 0.0)
 
 
+def weigh_and_reduce(div: torch.Tensor, ce: torch.Tensor, valid: Optional[torch.Tensor], *, kl_weight, ce_weight,
+                     temperature: float, temperature_scaling: bool, reduction: str, normalizer) -> torch.Tensor:
+    """Per token kl_weight * T^2 * D + ce_weight * ce (a weight of exactly 0 drops its term, even where the
+    term is inf or NaN); "mean" divides by the tokens that carry a loss: kl_weight != 0, or ce_weight != 0
+    and a valid label (or by normalizer)."""
+    scale = temperature**2 if temperature_scaling else 1.0
+    kl_w = torch.as_tensor(kl_weight, dtype=div.dtype, device=div.device).expand(div.shape)
+    ce_w = torch.as_tensor(ce_weight, dtype=div.dtype, device=div.device).expand(div.shape)
+    loss = torch.where(kl_w != 0, kl_w * (scale * div), 0.0) + torch.where(ce_w != 0, ce_w * ce, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if normalizer is not None:
+        return loss.sum() / normalizer
+    carries_loss = (kl_w != 0) if valid is None else (kl_w != 0) | ((ce_w != 0) & valid)
+    return loss.sum() / carries_loss.sum().clamp_min(1).to(loss.dtype)
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: Optional[torch.Tensor],
@@ -129,6 +173,7 @@ def distill_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha_beta: tuple[float, float] = (0.5, 0.5),
     temperature: float = 1.0,
     temperature_scaling: bool = True,
     kl_weight=1.0,
@@ -142,8 +187,8 @@ def distill_loss(
     divergence_on_ignored: bool = False,
 ) -> torch.Tensor:
     """Same signature and semantics as :func:`distillkit.distill_loss`, in plain PyTorch autograd."""
-    _checks.check_options(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-                          reduction=reduction, backend=backend)
+    _checks.check_options(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                          temperature=temperature, reduction=reduction, backend=backend)
     _checks.check_pair(student_logits, teacher_logits, vocab_mismatch)
     _checks.check_labels(labels, student_logits)
     lead_shape = student_logits.shape[:-1]
@@ -164,7 +209,8 @@ def distill_loss(
         # "truncate": both distributions live on the shared first ids; the rest get probability 0.
         shared = min(student_logits.shape[-1], teacher_logits.shape[-1])
         div = divergence_per_token(student_logits[..., :shared], teacher_logits.detach()[..., :shared],
-                                   divergence=divergence, beta=beta, skew=skew, temperature=temperature)
+                                   divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
+                                   temperature=temperature)
     if labels is None:
         ce, valid = torch.zeros_like(div), None
     else:

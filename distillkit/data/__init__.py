@@ -10,11 +10,12 @@ Nothing here imports transformers: any object with the fast-tokenizer call inter
 """
 
 from .collate import DistillationCollator
-from .schema import (FORMATS, LoadReport, Step, ToolCall, Trajectory, TrajectoryError, TrajectoryList,
-                     detect_format, load_trajectories, parse_trajectory)
+from .formats import FORMATS, detect_format, parse_trajectory
+from .schema import LoadReport, TrajectoryList, load_trajectories
 from .tokenize import (IGNORE_INDEX, TRAINED_SPANS, RenderedTrajectory, RenderError, TokenizeStats,
                        TrajectoryTokenizer, TruncationError, render_chat, render_plain, render_trajectory,
                        to_chat_messages, tokenize_trajectory)
+from .trajectory import Step, ToolCall, Trajectory, TrajectoryError
 
 __all__ = [
     "Trajectory", "Step", "ToolCall", "TrajectoryError", "LoadReport", "TrajectoryList", "FORMATS",

@@ -59,13 +59,17 @@ def _entries(text: str) -> tuple[str, list[tuple[str, str, int]]]:
     return "\n".join(preamble).strip(), [(k, "\n".join(v).strip(), n) for k, v, n in entries]
 
 
-def _json_object(value: str, where: str) -> dict[str, Any]:
+_JSON_KINDS = {dict: "JSON object", list: "JSON list"}
+
+
+def _json_value(value: str, where: str, keyword: str, expected: type) -> Any:
+    """`value` parsed with json.loads; a ValueError naming `keyword` if it is not JSON of type `expected`."""
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: Action Input is not valid JSON ({exc.msg})") from None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{where}: Action Input must be a JSON object, got {type(parsed).__name__}")
+        raise ValueError(f"{where}: {keyword} is not valid JSON ({exc.msg})") from None
+    if not isinstance(parsed, expected):
+        raise ValueError(f"{where}: {keyword} must be a {_JSON_KINDS[expected]}, got {type(parsed).__name__}")
     return parsed
 
 
@@ -89,12 +93,7 @@ def parse_react(text: str) -> ParsedReact:
         elif keyword == "System":
             system = value
         elif keyword == "Tools":
-            try:
-                tools = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: Tools is not valid JSON ({exc.msg})") from None
-            if not isinstance(tools, list):
-                raise ValueError(f"{where}: Tools must be a JSON list")
+            tools = _json_value(value, where, "Tools", list)
         elif keyword == "Thought":
             if current is None or current.thought is not None or current.action is not None:
                 current = ReactStep()
@@ -109,7 +108,7 @@ def parse_react(text: str) -> ParsedReact:
             inline = _INLINE_ACTION.match(value)
             if inline:  # "Action: name {json}", the form the plain rendering writes
                 current.action, current.has_input = inline.group(1), True
-                current.action_input = _json_object(inline.group(2), where)
+                current.action_input = _json_value(inline.group(2), where, "Action Input", dict)
             else:
                 current.action = value
         elif keyword == "Action Input":
@@ -117,7 +116,8 @@ def parse_react(text: str) -> ParsedReact:
                 raise ValueError(f"{where}: no preceding Action")
             if current.has_input:
                 raise ValueError(f"{where}: a second Action Input for one Action")
-            current.action_input, current.has_input = (_json_object(value, where) if value else {}), True
+            current.action_input = _json_value(value, where, "Action Input", dict) if value else {}
+            current.has_input = True
         elif keyword == "Observation":
             if current is None or current.action is None:
                 raise ValueError(f"{where}: an Observation without a preceding Action")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Literal, Optional
 
 from ..core.spans import PAD_SPAN, Span
-from .schema import Trajectory
+from .trajectory import Trajectory
 
 logger = logging.getLogger("distillkit.data")
 

@@ -30,11 +30,11 @@ from typing import Optional
 
 import torch
 
-from ..core._reduce import weigh_and_reduce
-from ..core.reference import _kl_terms, cross_entropy_per_token, valid_labels, without_ignored_tokens
+from ..core.divergences import TOPK_NAMES as TOPK_DIVERGENCES
+from ..core.reference import (_kl_terms, cross_entropy_per_token, valid_labels, weigh_and_reduce,
+                              without_ignored_tokens)
 
 TAILS = ("renormalize", "bucket")
-TOPK_DIVERGENCES = ("forward_kl", "reverse_kl")
 REST_FLOOR = 2.0**-20
 
 

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..core import backends
-from ..core._checks import DIVERGENCES
+from ..core.divergences import NAMES as DIVERGENCES
 from ..core.tolerances import TOLERANCES, compare
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

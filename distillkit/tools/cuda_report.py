@@ -182,7 +182,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distillkit.tools.cuda_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m distillkit.tools.cuda_report",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if any kernel spills")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--no-cache", action="store_true", help="recompile even if the sources are unchanged")

@@ -37,13 +37,13 @@ def collect() -> dict:
     usable = {}
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         names = []
-        for name in ("triton", "torch", "cpu", "cuda"):
+        for name in backends.REGISTRY:
             try:
-                backends.resolve(name, torch.device(device))
+                backends.resolve(name, torch.device(device), torch.float32)
                 names.append(name)
             except ValueError:
                 pass
-        usable[device] = {"auto": backends.resolve("auto", torch.device(device)), "available": names}
+        usable[device] = {"auto": backends.resolve("auto", torch.device(device), torch.float32), "available": names}
     info["backends"] = usable
     return info
 

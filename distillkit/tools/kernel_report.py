@@ -24,6 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+from ..core.divergences import IDS, NO_DIVERGENCE, TOPK_NAMES, TWO_PASS_IDS
+
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 # Per-SM limits used for the occupancy estimate: (registers, max warps, shared bytes).
@@ -71,7 +73,7 @@ def _distill_specializations():
     from ..core.backends.triton_rows import BACKWARD_CONFIG, FORWARD_CONFIG
 
     for kernel, config in (("distill_forward_kernel", FORWARD_CONFIG), ("distill_backward_kernel", BACKWARD_CONFIG)):
-        for divergence, with_ce in itertools.product(range(7), (False, True)):
+        for divergence, with_ce in itertools.product((NO_DIVERGENCE, *IDS.values()), (False, True)):
             if divergence == 0 and not with_ce:
                 continue  # nothing to compute; the functional layer never launches it
             for student_dtype, teacher_dtype in itertools.product(DTYPES, DTYPES):
@@ -85,10 +87,11 @@ def _distill_specializations():
 
 
 def _topk_specializations():
-    from ..sparse.topk import BLOCK_K_SIZES, BLOCK_V, NUM_WARPS
+    from ..sparse.topk_ops import BLOCK_K_SIZES, BLOCK_V, NUM_WARPS
 
     for kernel in ("topk_forward_kernel", "topk_backward_kernel"):
-        for divergence, bucket, with_ce in itertools.product(range(3), (False, True), (False, True)):
+        for divergence, bucket, with_ce in itertools.product((NO_DIVERGENCE, *(IDS[n] for n in TOPK_NAMES)),
+                                                             (False, True), (False, True)):
             if divergence == 0 and (bucket or not with_ce):
                 continue  # CE only: no bucket; nothing at all is never launched
             for dtype, block_k in itertools.product(DTYPES, BLOCK_K_SIZES):
@@ -101,15 +104,15 @@ def _topk_specializations():
 
 
 def _vocab_parallel_specializations():
-    from ..parallel.api import SHARD_BACKWARD_CONFIG, SHARD_TERMS_CONFIG
+    from ..parallel.shards import SHARD_BACKWARD_CONFIG, SHARD_TERMS_CONFIG
 
     for student_dtype, teacher_dtype in itertools.product(DTYPES, DTYPES):
         dtypes = {"student_ptr": student_dtype, "teacher_ptr": teacher_dtype}
-        for divergence in range(3, 7):  # the second pass exists for the mixture divergences only
+        for divergence in TWO_PASS_IDS:  # the second pass exists for the two-pass divergences only
             yield Specialization("vocab_parallel", "shard_terms_kernel",
                                  dict(DIVERGENCE=divergence, BLOCK_V=SHARD_TERMS_CONFIG["BLOCK_V"]), dtypes,
                                  SHARD_TERMS_CONFIG["num_warps"])
-        for divergence, with_ce in itertools.product(range(7), (False, True)):
+        for divergence, with_ce in itertools.product((NO_DIVERGENCE, *IDS.values()), (False, True)):
             if divergence == 0 and (teacher_dtype != student_dtype or not with_ce):
                 continue
             yield Specialization("vocab_parallel", "shard_backward_kernel",
@@ -123,7 +126,7 @@ def shipped_specializations() -> list[Specialization]:
 
 
 # Scalar arguments that are floats; every other non-pointer, non-constexpr argument is an i32.
-_FLOAT_ARGS = {"mix", "inv_temperature", "rest_floor"}
+_FLOAT_ARGS = {"param_a", "param_b", "inv_temperature", "rest_floor"}
 # Pointer arguments that are not fp32 unless listed in a specialization's pointer_dtypes.
 _POINTER_DEFAULTS = {"labels_ptr": "i64", "ids_ptr": "i64"}
 
@@ -231,7 +234,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "distillkit.tools.kernel_report", *(argv or sys.argv[1:])], env=env)
+        return subprocess.call([sys.executable, "-m", "distillkit.tools.kernel_report", *(argv or sys.argv[1:])],
+                               env=env)
     rows = triton_report()
     note = ""
     if not args.no_cuda:

@@ -16,7 +16,7 @@ COMPONENT_MODES = ("auto", "all", "logged_steps", "off")
 class DistillationConfig:
     """The loss of a `DistillationTrainer`.
 
-    divergence, temperature, temperature_scaling, beta, skew: as in `distillkit.distill_loss`.
+    divergence, temperature, temperature_scaling, beta, skew, alpha_beta: as in `distillkit.distill_loss`.
     span_weights: {span name or id: (kl_weight, ce_weight)}; None = DEFAULT_SPAN_WEIGHTS (KL on reasoning
         and answers, CE on actions, nothing on prompts and observations).
     learnable_span_weights: learn one log-variance per non-zero table entry (uncertainty weighting); the
@@ -37,6 +37,7 @@ class DistillationConfig:
     temperature_scaling: bool = True
     beta: float = 0.5
     skew: float = 0.1
+    alpha_beta: tuple = (0.5, 0.5)
     span_weights: Optional[dict] = None
     learnable_span_weights: bool = False
     span_weight_lr: Optional[float] = None
@@ -50,7 +51,9 @@ class DistillationConfig:
     log_components: str = "auto"
 
     def __post_init__(self):
-        _checks.check_options(divergence=self.divergence, beta=self.beta, skew=self.skew,
+        if isinstance(self.alpha_beta, list):  # from YAML or JSON
+            self.alpha_beta = tuple(self.alpha_beta)
+        _checks.check_options(divergence=self.divergence, beta=self.beta, skew=self.skew, alpha_beta=self.alpha_beta,
                               temperature=float(self.temperature), reduction="mean", backend=self.backend)
         self.temperature = float(self.temperature)
         if isinstance(self.curriculum, Mapping):

@@ -18,10 +18,8 @@ at the Trainer's logging steps. See docs/TRAINER.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -36,7 +34,9 @@ from .curriculum import (CompetenceCurriculum, CurriculumConfig, mean_over_mask,
                          token_entropy_from_hidden)
 from ..core.lm_head import forward_hidden, head_problem, head_reproduces_logits
 from ..core.modules import DEFAULT_SPAN_WEIGHTS, SpanDistillationLoss, span_token_weights
-from ..core.spans import PAD_SPAN, SPAN_NAMES, Span
+from ..core.spans import PAD_SPAN, Span
+from .checkpoint import CONFIG_NAME, LOSS_STATE_NAME, load_loss_state, save_loss_state
+from .components import hidden_state_components, window_logs
 from .config import COMPONENT_MODES, DistillationConfig  # noqa: F401  (re-exported)
 
 try:  # the logits-free op; the trainer falls back to logits without it
@@ -45,9 +45,6 @@ except ImportError:  # pragma: no cover
     fused_linear_distill_loss = None
 
 logger = logging.getLogger("distillkit.training.trainer")
-
-LOSS_STATE_NAME = "distill_loss.safetensors"  # span weight table and learned log-variances
-CONFIG_NAME = "distill_config.json"
 
 
 def _shift_left(x: torch.Tensor, fill: int) -> torch.Tensor:
@@ -89,7 +86,7 @@ class DistillationTrainer(Trainer):
         self.teacher_model = self._prepare_teacher(teacher_model)
         self.loss_fn = SpanDistillationLoss(
             cfg.span_weights, cfg.divergence, learnable=cfg.learnable_span_weights, beta=cfg.beta, skew=cfg.skew,
-            temperature=cfg.temperature, temperature_scaling=cfg.temperature_scaling,
+            alpha_beta=cfg.alpha_beta, temperature=cfg.temperature, temperature_scaling=cfg.temperature_scaling,
             ignore_index=cfg.ignore_index, reduction="mean", backend=cfg.backend, check_labels=cfg.check_labels,
             vocab_mismatch=cfg.vocab_mismatch).to(self.args.device)
         table = self.loss_fn.weight_table
@@ -173,36 +170,11 @@ class DistillationTrainer(Trainer):
 
     def save_distill_state(self, output_dir: str) -> None:
         """Write the span weight table (and learned log-variances) as safetensors, the config as JSON."""
-        from safetensors.torch import save_file
-        os.makedirs(output_dir, exist_ok=True)
-        tensors = {"weight_table": self.loss_fn.weight_table.detach().cpu().contiguous()}
-        if self.loss_fn.log_vars is not None:
-            tensors["log_vars"] = self.loss_fn.log_vars.detach().cpu().contiguous()
-        save_file(tensors, os.path.join(output_dir, LOSS_STATE_NAME), metadata={"format": "pt"})
-        with open(os.path.join(output_dir, CONFIG_NAME), "w") as handle:
-            json.dump(self.distill_config.to_dict(), handle, indent=2)
+        save_loss_state(self.loss_fn, self.distill_config, output_dir)
 
     def load_distill_state(self, checkpoint: str) -> bool:
         """Restore the learned span weights from `checkpoint` (safetensors; nothing is unpickled)."""
-        path = os.path.join(checkpoint, LOSS_STATE_NAME)
-        if not os.path.isfile(path):
-            if self.loss_fn.log_vars is not None:
-                logger.warning("%s has no %s: the learnable span weights start from zero", checkpoint,
-                               LOSS_STATE_NAME)
-            return False
-        from safetensors.torch import load_file
-        tensors = load_file(path)
-        saved_table = tensors.get("weight_table")
-        if saved_table is not None and not torch.equal(saved_table, self.loss_fn.weight_table.cpu()):
-            logger.warning("the span weight table of %s differs from the configured one; using the configured one",
-                           checkpoint)
-        if self.loss_fn.log_vars is not None:
-            if "log_vars" in tensors:
-                with torch.no_grad():
-                    self.loss_fn.log_vars.copy_(tensors["log_vars"].to(self.loss_fn.log_vars.device))
-            else:
-                logger.warning("%s has no learned span weights: they start from zero", checkpoint)
-        return True
+        return load_loss_state(self.loss_fn, checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on every resume path (plain, FSDP, DeepSpeed), after the optimizer exists: restore the span
@@ -272,9 +244,9 @@ class DistillationTrainer(Trainer):
 
     def _weighted_positions(self, spans: torch.Tensor) -> torch.Tensor:
         """[B, L] bool: target positions whose span has a non-zero KL or CE weight in the table."""
-        is_pad = spans == PAD_SPAN
-        active = (self.loss_fn.weight_table != 0).any(-1).to(spans.device)
-        return active[torch.where(is_pad, 0, spans).long()] & ~is_pad
+        # Unchecked: the loss checks the same span ids; padding weighs 0.
+        per_token = span_token_weights(self.loss_fn.weight_table.to(spans.device), spans, check=False)
+        return (per_token != 0).any(-1)
 
     def _default_span_ids(self, labels, attention_mask):
         spans = torch.where(labels != self.distill_config.ignore_index, int(Span.ANSWER), int(Span.PROMPT))
@@ -385,7 +357,8 @@ class DistillationTrainer(Trainer):
             t_b = t_head.bias if t_head is not None else None
             loss = fused_linear_distill_loss(
                 hidden, head.weight, t_hidden, t_w, targets, student_bias=head.bias, teacher_bias=t_b,
-                divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew, temperature=cfg.temperature,
+                divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew, alpha_beta=cfg.alpha_beta,
+                temperature=cfg.temperature,
                 temperature_scaling=cfg.temperature_scaling, kl_weight=kl_weight, ce_weight=ce_weight,
                 ignore_index=cfg.ignore_index, reduction="mean", normalizer=normalizer, backend=cfg.backend,
                 check_labels=cfg.check_labels, vocab_mismatch=cfg.vocab_mismatch, chunk_size=cfg.chunk_size,
@@ -393,7 +366,8 @@ class DistillationTrainer(Trainer):
             if self.loss_fn.log_vars is not None:
                 loss = loss + reg_scale * self.loss_fn.regularizer()
             if record:
-                self._record(self._hidden_components(hidden, head, t_hidden, t_head, targets, target_spans))
+                self._record(hidden_state_components(cfg, self.loss_fn, hidden, head, t_hidden, t_head, targets,
+                                                     target_spans))
         else:
             loss = self.loss_fn(outputs.logits, teacher_logits, targets, target_spans, sample_weight=sample_weight,
                                 normalizer=normalizer, regularizer_scale=reg_scale)
@@ -405,35 +379,6 @@ class DistillationTrainer(Trainer):
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
-
-    @torch.no_grad()
-    def _hidden_components(self, hidden, head, t_hidden, t_head, targets, spans) -> dict[str, torch.Tensor]:
-        """The per-span sums of SpanDistillationLoss.last_components, from hidden states (extra chunk passes)."""
-        cfg = self.distill_config
-        common = dict(divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew, temperature=cfg.temperature,
-                      temperature_scaling=cfg.temperature_scaling, ignore_index=cfg.ignore_index, reduction="none",
-                      backend=cfg.backend, check_labels=False, vocab_mismatch=cfg.vocab_mismatch,
-                      chunk_size=cfg.chunk_size)
-        h, w = hidden.detach(), head.weight.detach()
-        b = head.bias.detach() if head.bias is not None else None
-        div = ce = None
-        if self._uses_kl:
-            div = fused_linear_distill_loss(h, w, t_hidden, t_head.weight, None, student_bias=b,
-                                            teacher_bias=t_head.bias, kl_weight=1.0, ce_weight=0.0, **common)
-        if self._uses_ce:
-            ce = fused_linear_distill_loss(h, w, None, None, targets, student_bias=b, kl_weight=0.0, ce_weight=1.0,
-                                           **common)
-        table = self.loss_fn.weight_table
-        out = {}
-        for span in Span:
-            name = span.name.lower()
-            in_span = spans == span
-            out[f"tokens/{name}"] = in_span.sum()
-            if div is not None and table[span, 0] != 0:
-                out[f"kl/{name}"] = torch.where(in_span, div, 0.0).sum()
-            if ce is not None and table[span, 1] != 0:
-                out[f"ce/{name}"] = torch.where(in_span, ce, 0.0).sum()
-        return out
 
     # ------------------------------------------------------------------ logging
 
@@ -448,23 +393,8 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and not any(key.startswith("eval_") for key in logs):
-            sums = self._reduced_window()
+            logs.update(window_logs(self._reduced_window(), self.loss_fn, self._last_competence))
             self._window = {}
-            for name in SPAN_NAMES:
-                count = sums.get(f"tokens/{name}", 0.0)
-                for kind in ("kl", "ce"):
-                    key = f"{kind}/{name}"
-                    if key in sums and count > 0:
-                        logs[key] = sums[key] / count  # per-token mean over the logging window
-            if sums.get("curriculum/samples"):
-                logs["curriculum/competence"] = self._last_competence
-                logs["curriculum/mean_weight"] = sums["curriculum/weight_sum"] / sums["curriculum/samples"]
-            if self.loss_fn.log_vars is not None:
-                table = self.loss_fn.effective_table().detach().cpu()
-                for span in Span:
-                    for col, kind in enumerate(("kl", "ce")):
-                        if self.loss_fn.weight_table[span, col] != 0:
-                            logs[f"span_weight/{kind}/{span.name.lower()}"] = float(table[span, col])
         super().log(logs, *args, **kwargs)
 
 

@@ -107,6 +107,13 @@ def _package_dir(name):
     return list(spec.submodule_search_locations)[0]
 
 
+def _installed_file(package: str, *parts: str):
+    """The path of a file inside an installed (not imported) package, or None."""
+    root = _package_dir(package)
+    path = None if root is None else os.path.join(root, *parts)
+    return path if path is not None and os.path.isfile(path) else None
+
+
 def real_trl_loss():
     """TRL's GKDTrainer.generalized_jsd_loss, or None."""
     try:
@@ -114,11 +121,8 @@ def real_trl_loss():
         return GKDTrainer.generalized_jsd_loss
     except Exception:  # noqa: BLE001 - datasets (or another dependency) missing
         pass
-    root = _package_dir("trl")
-    if root is None:
-        return None
-    path = os.path.join(root, "experimental", "gkd", "gkd_trainer.py")
-    if not os.path.isfile(path):
+    path = _installed_file("trl", "experimental", "gkd", "gkd_trainer.py")
+    if path is None:
         return None
     tree = ast.parse(open(path).read())
     for node in ast.walk(tree):
@@ -140,11 +144,8 @@ def real_torchtune():
         return kd_losses
     except Exception:  # noqa: BLE001 - torchao (or another dependency) missing
         pass
-    root = _package_dir("torchtune")
-    if root is None:
-        return None
-    path = os.path.join(root, "modules", "loss", "kd_losses.py")
-    if not os.path.isfile(path):
+    path = _installed_file("torchtune", "modules", "loss", "kd_losses.py")
+    if path is None:
         return None
     spec = importlib.util.spec_from_file_location("_torchtune_kd_losses", path)
     module = importlib.util.module_from_spec(spec)

@@ -1,8 +1,9 @@
-"""The fused op against the float64 reference, over the option matrix of the core-op issue.
+"""The fused op against the float64 reference, over the option matrix.
 
-Every case runs the backend on the given dtype and the reference on float64 copies of
+Every case runs the backend on the given dtype and the reference on float64 CPU copies of
 the same (already rounded) inputs, then compares loss and gradient under the one
 tolerance table (distillkit.core.tolerances); a failure prints the worst mismatch.
+The device (CPU, and CUDA where there is a GPU) and torch.compile are axes of the matrix.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import itertools
 
 import pytest
 import torch
-from helpers import DTYPES, available_backends
+from helpers import DEVICES, DTYPES, available_backends, compiled
 
 import distillkit
 from distillkit.core import reference
-from distillkit.core._checks import DIVERGENCES
+from distillkit.core.divergences import NAMES as DIVERGENCES
 from distillkit.core.tolerances import compare
 
 BACKENDS = available_backends()
@@ -56,17 +57,23 @@ def make_weights(lead, mode, *, requires_grad=False):
     return kl.requires_grad_(requires_grad), ce.requires_grad_(requires_grad)
 
 
-def run_both(backend, student, teacher, labels, *, grad_output=None, **options):
-    """(loss, student grad) from the backend and from the float64 reference."""
+def run_both(backend, student, teacher, labels, *, grad_output=None, device="cpu", compile=False, **options):
+    """(loss, student grad) from the backend on `device` (compiled or eager) and from the float64 reference
+    on CPU, both on CPU for the comparison."""
+
+    def fused(*args, **kwargs):
+        return distillkit.distill_loss(*args, backend=backend, **kwargs)
+
     results = []
-    for impl, cast in ((lambda *a, **k: distillkit.distill_loss(*a, backend=backend, **k), lambda x: x),
+    for impl, cast in (((compiled(fused, device) if compile else fused), lambda x: x.to(device)),
                        (reference.distill_loss, lambda x: x.double())):
         s = cast(student.detach()).requires_grad_()
         t = None if teacher is None else cast(teacher)
-        loss = impl(s, t, labels, **options)
-        go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
+        weights = {k: cast(v) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+        loss = impl(s, t, None if labels is None else labels.to(s.device), **weights)
+        go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype).to(loss.device)
         loss.backward(go)
-        results.append((loss, s.grad))
+        results.append((loss.cpu(), s.grad.cpu()))
     return results
 
 
@@ -86,11 +93,22 @@ def _cases():
                                id=f"{divergence}-{str(dtype)[6:]}-V{vocab}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence,dtype,vocab,temperature,weights,label_mode,reduction,noncontiguous",
-                         list(_cases()))
-def test_matches_reference(backend, divergence, dtype, vocab, temperature, weights, label_mode, reduction,
-                           noncontiguous):
+def _matrix():
+    """_cases() on every device and backend, eager and (for the smallest vocabulary) compiled."""
+    for device in DEVICES:
+        for backend in available_backends(device):
+            for case in _cases():
+                for compile in (False, True):
+                    if compile and case.values[2] != VOCABS[0]:
+                        continue
+                    yield pytest.param(device, backend, compile, *case.values,
+                                       id=f"{device}-{backend}-{'compiled' if compile else 'eager'}-{case.id}")
+
+
+@pytest.mark.parametrize("device,backend,compile,divergence,dtype,vocab,temperature,weights,label_mode,reduction,"
+                         "noncontiguous", list(_matrix()))
+def test_matches_reference(device, backend, compile, divergence, dtype, vocab, temperature, weights, label_mode,
+                           reduction, noncontiguous):
     lead = (3, 2)
     student = make_logits(lead, vocab, dtype, noncontiguous=noncontiguous)
     teacher = make_logits(lead, vocab, dtype, noncontiguous=not noncontiguous)
@@ -98,10 +116,11 @@ def test_matches_reference(backend, divergence, dtype, vocab, temperature, weigh
     kl_weight, ce_weight = make_weights(lead, weights)
     grad_output = torch.rand(lead) + 0.5 if reduction == "none" else torch.tensor(1.7)
     options = dict(divergence=divergence, temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight,
-                   reduction=reduction, beta=0.3, skew=0.2)
+                   reduction=reduction, beta=0.3, skew=0.2, alpha_beta=(0.4, 0.8))
     (loss, grad), (ref_loss, ref_grad) = run_both(backend, student, teacher, labels, grad_output=grad_output,
-                                                  **options)
-    context = f"{backend} {divergence} {dtype} V={vocab} T={temperature} {weights} {label_mode} {reduction}"
+                                                  device=device, compile=compile, **options)
+    context = (f"{device} {backend} {'compiled' if compile else 'eager'} {divergence} {dtype} V={vocab} "
+               f"T={temperature} {weights} {label_mode} {reduction}")
     assert grad.dtype == student.dtype and grad.shape == student.shape
     assert_close(loss, ref_loss, dtype, "loss", context)
     assert_close(grad, ref_grad, dtype, "grad", context)

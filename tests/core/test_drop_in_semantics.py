@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from helpers import available_backends
 
 import distillkit
-from distillkit.core import reference
+from distillkit.core import divergences, reference
 from distillkit.core.fused_linear import fused_linear_distill_loss
 from distillkit.sparse.topk import distill_loss_topk
 from distillkit.core.tolerances import compare
 
 BACKENDS = available_backends()
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+DIVERGENCES = divergences.NAMES
 
 
 def causal_batch(batch=2, seq=9, vocab=61, *, scale=2.0):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import available_backends
 
 from distillkit.core import reference
-from distillkit.core._checks import DIVERGENCES
+from distillkit.core.divergences import NAMES as DIVERGENCES
 from distillkit.core.fused_linear import default_chunk_size, fused_linear_distill, fused_linear_distill_loss
 from distillkit.core.tolerances import compare
 
@@ -165,7 +165,7 @@ def test_opcheck(reduce):
     n = 5
     h, w, b, th, tw, tb, labels = make_problem((n,), torch.float32, vocab=97, hidden=16)
     args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), th, tw, tb, labels,
-            torch.rand(n, requires_grad=True), torch.rand(n), 1, 0.5, 2.0, -100, True, "torch", 2, reduce, True,
+            torch.rand(n, requires_grad=True), torch.rand(n), 1, 0.5, 0.0, 2.0, -100, True, "torch", 2, reduce, True,
             True, True, True)
     torch.library.opcheck(fused_linear_distill, args)
 

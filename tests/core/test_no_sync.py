@@ -5,25 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import available_backends
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import SYNCING_OPS, RecordOps, available_backends
 
 import distillkit
-from distillkit.core._checks import DIVERGENCES
-
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique", "_unique2",
-               "repeat_interleave", "equal", "allclose"}
-
-
-class RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
+from distillkit.core.divergences import NAMES as DIVERGENCES
 
 @pytest.mark.parametrize("backend", available_backends())
 @pytest.mark.parametrize("divergence", DIVERGENCES)

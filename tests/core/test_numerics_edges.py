@@ -13,11 +13,11 @@ import torch
 from helpers import available_backends
 
 import distillkit
-from distillkit.core import reference
+from distillkit.core import divergences, reference
 from distillkit.core.tolerances import compare
 
 BACKENDS = available_backends()
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+DIVERGENCES = divergences.NAMES
 NAN, INF = float("nan"), float("inf")
 
 

@@ -10,14 +10,15 @@ from hypothesis import strategies as st
 
 import distillkit
 from distillkit.core import reference
-from distillkit.core._checks import DIVERGENCE_IDS, DIVERGENCES
+from distillkit.core.divergences import IDS as DIVERGENCE_IDS
+from distillkit.core.divergences import NAMES as DIVERGENCES
 from distillkit.core.tolerances import EAGER_ERROR_FACTOR, compare
 
 BACKENDS = available_backends()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", None])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "alpha_beta", None])
 def test_opcheck(backend, divergence):
     student = torch.randn(3, 5, 1271, requires_grad=True)
     teacher = torch.randn(3, 5, 1271)
@@ -25,12 +26,13 @@ def test_opcheck(backend, divergence):
     labels[0] = -100
     div_id = 0 if divergence is None else DIVERGENCE_IDS[divergence]
     torch.library.opcheck(torch.ops.distillkit.distill_rows.default,
-                          (student, teacher if div_id else None, labels, div_id, 0.5, 2.0, -100, True, 1271, backend))
-    stats = torch.ops.distillkit.distill_rows(student, teacher, labels, div_id, 0.5, 2.0, -100, True, 1271,
+                          (student, teacher if div_id else None, labels, div_id, 0.5, 0.3, 2.0, -100, True, 1271,
+                           backend))
+    stats = torch.ops.distillkit.distill_rows(student, teacher, labels, div_id, 0.5, 0.3, 2.0, -100, True, 1271,
                                              backend)[2]
     torch.library.opcheck(torch.ops.distillkit.distill_rows_backward.default,
                           (torch.rand(3, 5), torch.rand(3, 5), student.detach(), teacher, labels, stats, div_id,
-                           0.5, 2.0, -100, True, 1271, backend))
+                           0.5, 0.3, 2.0, -100, True, 1271, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ from helpers import available_backends
 
 import distillkit
 from distillkit.core import reference
-from distillkit.core._checks import DIVERGENCES
+from distillkit.core.divergences import NAMES as DIVERGENCES
 from distillkit.core.tolerances import compare
 
 BACKENDS = available_backends()

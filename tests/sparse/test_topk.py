@@ -13,7 +13,8 @@ import distillkit
 from distillkit.core import reference
 from distillkit.sparse import reference as reference_topk
 from distillkit.core.tolerances import compare
-from distillkit.sparse.topk import distill_loss_topk, topk_rows, topk_rows_backward
+from distillkit.sparse.topk import distill_loss_topk
+from distillkit.sparse.topk_ops import topk_rows, topk_rows_backward
 
 BACKENDS = [b for b in available_backends() if b in ("torch", "triton")]
 V, K = 1271, 7

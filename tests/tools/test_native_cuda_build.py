@@ -11,8 +11,9 @@ import torch
 from distillkit.core import _ext
 from distillkit.tools import cuda_report
 
-# Template instances the launchers can pick: (7 divergences; 6 with 3x3 dtype pairs, CE-only with 3).
-EXPECTED = {"forward_stream_kernel": 6 * 9 + 3, "forward_smem_kernel": 4 * 9, "backward_kernel": 6 * 9 + 3}
+# Template instances the launchers can pick: ids 1-7 with 3x3 dtype pairs, CE-only (id 0) with 3; the
+# shared-memory forward for the five two-pass ids 3-7.
+EXPECTED = {"forward_stream_kernel": 7 * 9 + 3, "forward_smem_kernel": 5 * 9, "backward_kernel": 7 * 9 + 3}
 
 needs_toolchain = pytest.mark.skipif(
     cuda_report.find_nvcc() is None or cuda_report.find_cuobjdump() is None,
@@ -40,6 +41,16 @@ def test_no_register_spills(rows):
     print(f"max registers per arch: {by_arch}")
 
 
+@needs_toolchain
+def test_alpha_beta_kernels_for_every_dtype_pair(rows):
+    """id 7 (its three forms inside each kernel) in every kernel and dtype pair, on both archs."""
+    for arch in cuda_report.ARCHS:
+        ab = [r for r in rows if r["arch"] == f"sm_{arch}" and r["variant"].startswith("div=7 ")]
+        assert Counter(r["kernel"] for r in ab) == {k: 9 for k in EXPECTED}, f"sm_{arch}"
+        print(f"sm_{arch} alpha_beta registers:",
+              {k: sorted({r["registers"] for r in ab if r["kernel"] == k}) for k in EXPECTED})
+
+
 def test_parse_reads_cuobjdump_and_ptxas_output():
     dump = ("Resource usage:\n Function _ZN10distillkit4cuda15backward_kernelILi1EffEEvNS0_9BwdParamsE:\n"
             "  REG:40 STACK:0 SHARED:1024 LOCAL:8 CONSTANT[0]:664 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
@@ -65,7 +76,8 @@ def _built_with_cuda() -> bool:
 
 @pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
 def test_cuda_kernels_registered_when_built():
-    ops = ("rows_forward", "rows_backward", "rows_backward_into")
+    ops = ("rows_forward", "rows_backward")
+    assert not hasattr(torch.ops.distillkit_ext, "rows_backward_into")  # no out variant
     for op in ops:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distillkit_ext::{op}", "CPU"), op
     if not _built_with_cuda():
@@ -87,25 +99,31 @@ needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.available
                                reason="needs a GPU and the CUDA part of the extension")
 
 
+def _params(div):
+    return (0.7, 0.4) if div == 7 else (0.3, 0.0)
+
+
 @needs_gpu
 @pytest.mark.parametrize("path", ["auto", "stream"])
-@pytest.mark.parametrize("vocab", [1271, 32000, 262144])
+@pytest.mark.parametrize("vocab,div_vocab", [(1271, 1271), (32000, 32000), (262144, 262144), (32064, 32000),
+                                             (1271, 999)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("div", range(7))
-def test_cuda_matches_cpu(div, dtype, vocab, path, monkeypatch):
+@pytest.mark.parametrize("div", range(8))
+def test_cuda_matches_cpu(div, dtype, vocab, div_vocab, path, monkeypatch):
+    """Row-strided, unaligned rows; the teacher wider than div_vocab (its own row stride) where div_vocab < V."""
     if path == "stream":
         monkeypatch.setenv("DISTILLKIT_CUDA_PATH", "stream")
     g = torch.Generator().manual_seed(vocab + div)
     rows = 5
     s = (torch.randn(rows, vocab + 7, generator=g) * 2).to(dtype)[:, 3:3 + vocab]  # row-strided, unaligned
-    t = (torch.randn(rows, vocab + 7, generator=g) * 2).to(dtype)[:, 3:3 + vocab]
+    t = (torch.randn(rows, div_vocab + 40, generator=g) * 2).to(dtype)[:, 3:3 + div_vocab + 30]
     t[1, ::5] = float("-inf")
     if div == 2:
-        s[1, ::5] = float("-inf")
+        s[1, :div_vocab:5] = float("-inf")
     y = torch.tensor([0, 1, -100, vocab, vocab - 1])
     gd, gc = torch.rand(rows, generator=g), torch.rand(rows, generator=g)
     gd[0] = gc[0] = 0.0
-    args = (div, 0.3, 1.7, -100, True)
+    args = (div, *_params(div), 1.7, -100, True, div_vocab)
     teacher = t if div else None
     cpu = torch.ops.distillkit_ext.rows_forward(s, teacher, y, *args)
     gpu = torch.ops.distillkit_ext.rows_forward(s.cuda(), teacher.cuda() if div else None, y.cuda(), *args)
@@ -122,10 +140,11 @@ def test_cuda_matches_cpu(div, dtype, vocab, path, monkeypatch):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("div", range(1, 7))
+@pytest.mark.parametrize("div", range(1, 8))
 def test_cuda_row_contract_edge_cases(div, dtype):
     """The 0.2.0 row contract on the GPU: huge logits, NaN / +inf / all -inf teacher rows, no subnormal gradient
-    entries, and reverse KL of identical rows exactly 0 (tests/test_native_cpu.py checks the same on the CPU)."""
+    entries, and reverse KL of identical rows exactly 0 (tests/core/test_native_cpu_edges.py checks the same on
+    the CPU)."""
     ops, v = torch.ops.distillkit_ext, 512
     g = torch.Generator().manual_seed(div)
     s = torch.randn(7, v, generator=g) * 30
@@ -139,7 +158,7 @@ def test_cuda_row_contract_edge_cases(div, dtype):
         s[5, :2], s[5, 2:] = 1e8, 0.0  # q = [0.5, 0.5, 0, ...] only with the raw max apart from the log-sum
     s, t = s.to(dtype), t.to(dtype)
     y = torch.tensor([5, 0, v - 1, 1, 7, -100, 3])
-    args = (div, 0.3, 1.0, -100, True)
+    args = (div, *_params(div), 1.0, -100, True, v)
     d, ce, st = (x.cpu() for x in ops.rows_forward(s.cuda(), t.cuda(), y.cuda(), *args))
     d_cpu, ce_cpu, st_cpu = ops.rows_forward(s, t, y, *args)
     assert d[:3].isnan().all() and d[3:].isfinite().all() and ce.isfinite().all()

@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("accelerate")
 
-from distillkit.training.curriculum import (CompetenceCurriculum, CurriculumConfig, competence, complexity_scores,  # noqa: E402
-                                   weights_from_difficulty)
+from distillkit.training.curriculum import (CompetenceCurriculum, CurriculumConfig,  # noqa: E402
+                                            competence, complexity_scores, weights_from_difficulty)
 from distillkit.core.spans import PAD_SPAN, Span  # noqa: E402
 from distillkit.training.trainer import LOSS_STATE_NAME, DistillationConfig  # noqa: E402
 

@@ -11,16 +11,16 @@ from typing import Optional
 
 import torch
 
-from .._checks import DIVERGENCE_IDS
+from ..divergences import IDS as _ID
 from ._rows import (NUM_STATS, STAT_C, STAT_LS_1, STAT_LS_A, STAT_LS_B, STAT_M_1, STAT_M_S, STAT_M_T, STAT_REF,
                     flush_subnormals, row_outputs)
 
 CHUNK_BYTES = 64 * 2**20
-_ID = DIVERGENCE_IDS
 
 
-def divergence_terms(log_p, log_q, p, q, mix: float, divergence: int):
-    """Per-element (d, h) with sum(d) = D and h = q * dD/dq (docs/DESIGN.md)."""
+def divergence_terms(log_p, log_q, p, q, param_a: float, param_b: float, divergence: int):
+    """Per-element (d, h) with sum(d) = D and h = q * dD/dq (docs/DESIGN.md); (param_a, param_b) from
+    distillkit/core/divergences.py (jsd: beta; skew: skew; alpha_beta: (alpha, beta))."""
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
 
     def safe_log(m):
@@ -32,21 +32,43 @@ def divergence_terms(log_p, log_q, p, q, mix: float, divergence: int):
         d = torch.where(q > 0, q * (log_q - log_p), zero)
         return d, d
     if divergence == _ID["jsd"]:
-        log_m = safe_log(mix * p + (1 - mix) * q)
+        beta = param_a
+        log_m = safe_log(beta * p + (1 - beta) * q)
         kl_q = torch.where(q > 0, q * (log_q - log_m), zero)
-        return mix * torch.where(p > 0, p * (log_p - log_m), zero) + (1 - mix) * kl_q, (1 - mix) * kl_q
+        return beta * torch.where(p > 0, p * (log_p - log_m), zero) + (1 - beta) * kl_q, (1 - beta) * kl_q
     if divergence == _ID["skew_forward_kl"]:
-        m = mix * p + (1 - mix) * q
+        m = param_a * p + (1 - param_a) * q
         m_safe = torch.where(m > 0, m, 1.0)
-        return torch.where(p > 0, p * (log_p - m_safe.log()), zero), torch.where(m > 0, -(1 - mix) * p * q / m_safe, zero)
+        return (torch.where(p > 0, p * (log_p - m_safe.log()), zero),
+                torch.where(m > 0, -(1 - param_a) * p * q / m_safe, zero))
     if divergence == _ID["skew_reverse_kl"]:
-        m = (1 - mix) * p + mix * q
+        m = (1 - param_a) * p + param_a * q
         m_safe = torch.where(m > 0, m, 1.0)
         d = torch.where(q > 0, q * (log_q - m_safe.log()), zero)
-        return d, d - torch.where(m > 0, mix * q * q / m_safe, zero)
+        return d, d - torch.where(m > 0, param_a * q * q / m_safe, zero)
     if divergence == _ID["tvd"]:
         return 0.5 * (q - p).abs(), 0.5 * q * torch.sign(q - p)
-    raise ValueError(f"unknown divergence id {divergence}")
+    if divergence == _ID["alpha_beta"]:
+        return _alpha_beta_terms(log_p, log_q, p, q, param_a, param_b)
+    raise ValueError(f"unknown divergence id {divergence} (distillkit/core/divergences.py)")
+
+
+def _alpha_beta_terms(log_p, log_q, p, q, alpha: float, beta: float):
+    """D = -1/(a b) sum (p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)), h = (q^(a+b) - p^a q^b) / a; powers as
+    exp(x log p) (0 at p = 0); beta = 0 and alpha = 0 are the limits (forward KL at (1, 0), reverse at (0, 1))."""
+    if beta == 0.0:
+        p_a, q_a = (alpha * log_p).exp(), (alpha * log_q).exp()
+        d = (torch.where(p > 0, alpha * p_a * (log_p - log_q), 0.0) + (q_a - p_a)) / (alpha * alpha)
+        return d, (q_a - p_a) / alpha
+    if alpha == 0.0:
+        p_b, q_b = (beta * log_p).exp(), (beta * log_q).exp()
+        kl = torch.where(q > 0, q_b * (log_q - log_p), 0.0)
+        return (beta * kl + (p_b - q_b)) / (beta * beta), kl
+    total = alpha + beta
+    p_a_q_b = (alpha * log_p + beta * log_q).exp()
+    p_s, q_s = (total * log_p).exp(), (total * log_q).exp()
+    d = -(p_a_q_b - (alpha / total) * p_s - (beta / total) * q_s) / (alpha * beta)
+    return d, (q_s - p_a_q_b) / alpha
 
 
 def _chunks(n_rows: int, vocab: int):
@@ -89,7 +111,8 @@ def _rel_terms(x, m_x, y, ref, inv_t: float):
     return ((x - m_x[:, None]) - (y - ref[:, None])) * inv_t
 
 
-def divergence_grad(s_div: torch.Tensor, t: torch.Tensor, st: torch.Tensor, mix: float, divergence: int,
+def divergence_grad(s_div: torch.Tensor, t: torch.Tensor, st: torch.Tensor, param_a: float, param_b: float,
+                    divergence: int,
                     inv_t: float) -> torch.Tensor:
     """dD/db for a chunk of rows (student s_div and teacher t over the divergence ids, fp32) from their
     stats [rows, NUM_STATS]; NaN on a row with no distribution (c = NaN), whatever the guards below say.
@@ -104,7 +127,7 @@ def divergence_grad(s_div: torch.Tensor, t: torch.Tensor, st: torch.Tensor, mix:
         rel = _rel_terms(s_div, st[:, STAT_M_S], t, st[:, STAT_REF], inv_t)
         d_db = torch.where(q > 0, q * (rel - c), 0.0)
     else:
-        d_db = divergence_terms(log_p, log_q, p, q, mix, divergence)[1] - q * c
+        d_db = divergence_terms(log_p, log_q, p, q, param_a, param_b, divergence)[1] - q * c
     return torch.where(c.isnan(), float("nan"), d_db)
 
 
@@ -114,7 +137,7 @@ def softmax_at_1(s: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
 
 
 def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-            divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+            divergence: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool,
             div_vocab: int):
     div, ce, stats = row_outputs(student)
     vocab = student.shape[-1]
@@ -135,7 +158,7 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
             _, log_p = _log_probs(t, m_t, ls_a, inv_t)
             _, log_q = _log_probs(sd, m_s, ls_b, inv_t)
             p, q = log_p.exp(), log_q.exp()
-            d, h = divergence_terms(log_p, log_q, p, q, mix, divergence)
+            d, h = divergence_terms(log_p, log_q, p, q, param_a, param_b, divergence)
             if divergence == _ID["reverse_kl"]:
                 # c = E_q[(s - m_s) - (t - ref)] / T with ref = t at the student's argmax: 0 at the mode,
                 # so no term of the size of the logits cancels in the backward's q (term - c).
@@ -160,7 +183,7 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
 
 def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tensor,
              teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor], stats: torch.Tensor,
-             divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+             divergence: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool,
              div_vocab: int):
     vocab = student.shape[-1]
     inv_t = 1.0 / temperature
@@ -174,7 +197,7 @@ def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tenso
         st = st2[rows]
         out = torch.zeros_like(s)
         if divergence != 0:
-            d_db = divergence_grad(s[:, :div_vocab], t2[rows].float(), st, mix, divergence, inv_t)
+            d_db = divergence_grad(s[:, :div_vocab], t2[rows].float(), st, param_a, param_b, divergence, inv_t)
             # where, not multiply: a row weighted out of the divergence may have a NaN or infinite one.
             out[:, :div_vocab] += torch.where(gd[rows, None] != 0, (gd[rows, None] * inv_t) * d_db, 0.0)
         if with_ce:

@@ -19,7 +19,7 @@ BACKWARD_CONFIG = {"BLOCK_V": 4096, "num_warps": 8}
 
 
 def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-            divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+            divergence: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool,
             div_vocab: int):
     div, ce, stats = row_outputs(student)
     n_rows, vocab = div.numel(), student.shape[-1]
@@ -31,7 +31,7 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
         s.tensor, t.tensor, flat_labels(labels, student),
         div, ce, stats,
         *s.addressing, *t.addressing,
-        vocab, div_vocab, float(mix), 1.0 / temperature, ignore_index,
+        vocab, div_vocab, float(param_a), float(param_b), 1.0 / temperature, ignore_index,
         DIVERGENCE=divergence, WITH_CE=with_ce,
         BLOCK_V=FORWARD_CONFIG["BLOCK_V"],
         num_warps=FORWARD_CONFIG["num_warps"],
@@ -41,7 +41,7 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
 
 def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tensor,
              teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor], stats: torch.Tensor,
-             divergence: int, mix: float, temperature: float, ignore_index: int, with_ce: bool,
+             divergence: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool,
              div_vocab: int):
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     n_rows, vocab = grad_div.numel(), student.shape[-1]
@@ -54,7 +54,7 @@ def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tenso
         grad_div.reshape(-1).float().contiguous(), grad_ce.reshape(-1).float().contiguous(),
         s.tensor, t.tensor, flat_labels(labels, student), stats.contiguous(), grad,
         *s.addressing, *t.addressing,
-        vocab, div_vocab, float(mix), 1.0 / temperature, ignore_index,
+        vocab, div_vocab, float(param_a), float(param_b), 1.0 / temperature, ignore_index,
         DIVERGENCE=divergence, WITH_CE=with_ce, BLOCK_V=block,
         num_warps=BACKWARD_CONFIG["num_warps"],
     )

@@ -7,8 +7,10 @@ from typing import Optional
 
 import torch
 
+from ...core import divergences
+
 # Divergence ops (divergence only: kl_weight=1, no labels) and "ce" (cross-entropy only).
-OPS = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "ce"]
+OPS = [*divergences.NAMES, "ce"]
 MODES = ["forward", "backward", "forward+backward"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPERATURE = 2.0

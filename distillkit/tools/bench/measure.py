@@ -62,6 +62,23 @@ def fresh_student(inputs):
                  for x in inputs)
 
 
+def step(loss_fn, args, mode: str, loss=None):
+    """The measured part of one step: backward of the given forward's `loss` ("backward"), or the forward
+    (and its backward for "forward+backward")."""
+    if mode == "backward":
+        loss.backward()
+        return loss
+    loss = loss_fn(*args)
+    if mode == "forward+backward":
+        loss.backward()
+    return loss
+
+
+def before_step(loss_fn, args, mode: str):
+    """What a step of `mode` starts from: the forward's loss for "backward" (not measured), else None."""
+    return loss_fn(*args) if mode == "backward" else None
+
+
 def run_mode(loss_fn, inputs, mode: str, device: str):
     """Run one step of `mode` outside any timer (warm-up)."""
     args = fresh_student(inputs)
@@ -79,17 +96,10 @@ def time_step(loss_fn, inputs, mode: str, device: str, *, rounds: int = 5, warmu
     times = []
     for _ in range(rounds):
         args = fresh_student(inputs)
-        if mode == "backward":
-            loss = loss_fn(*args)
-            sync(device)
-            start = time.perf_counter()
-            loss.backward()
-        else:
-            sync(device)
-            start = time.perf_counter()
-            loss = loss_fn(*args)
-            if mode == "forward+backward":
-                loss.backward()
+        loss = before_step(loss_fn, args, mode)
+        sync(device)
+        start = time.perf_counter()
+        step(loss_fn, args, mode, loss)
         sync(device)
         times.append(time.perf_counter() - start)
     return {"median_s": statistics.median(times), "min_s": min(times), "rounds": rounds}
@@ -101,19 +111,12 @@ def cuda_peak(loss_fn, inputs, mode: str) -> float:
     """Peak bytes allocated above the level before the step (after one warm-up)."""
     run_mode(loss_fn, inputs, mode, "cuda")
     args = fresh_student(inputs)
-    loss = None
-    if mode == "backward":
-        loss = loss_fn(*args)
+    loss = before_step(loss_fn, args, mode)
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    if mode == "backward":
-        loss.backward()
-    else:
-        loss = loss_fn(*args)
-        if mode == "forward+backward":
-            loss.backward()
+    step(loss_fn, args, mode, loss)
     torch.cuda.synchronize()
     return float(torch.cuda.max_memory_allocated() - base)
 
@@ -140,22 +143,15 @@ def rss_step(loss_fn, inputs, mode: str) -> dict:
     can_reset = _reset_hwm()
     if can_reset:
         run_mode(loss_fn, inputs, mode, "cpu")
+    if mode == "backward" and not can_reset:
+        return {"error": "backward-only peak RSS needs /proc/self/clear_refs (high-water mark reset)"}
     args = fresh_student(inputs)
-    loss = None
-    if mode == "backward":
-        if not can_reset:
-            return {"error": "backward-only peak RSS needs /proc/self/clear_refs (high-water mark reset)"}
-        loss = loss_fn(*args)
+    loss = before_step(loss_fn, args, mode)
     gc.collect()
     if can_reset:
         _reset_hwm()
     base = _status_kib("VmRSS") if can_reset else _status_kib("VmHWM")
-    if mode == "backward":
-        loss.backward()
-    else:
-        loss = loss_fn(*args)
-        if mode == "forward+backward":
-            loss.backward()
+    step(loss_fn, args, mode, loss)
     peak = _status_kib("VmHWM")
     return {"base_kib": base, "peak_kib": peak, "extra_bytes": (peak - base) * 1024, "warmed_up": can_reset}
 
@@ -183,6 +179,19 @@ def run_child(spec: dict, *, env: Optional[dict] = None, timeout: float = 600) -
 def peak_rss(provider: str, case: Case, mode: str, timeout: float = 600) -> dict:
     """Peak RSS of one step in a fresh CPU subprocess: {'extra_bytes': ..} or {'error': ..}."""
     return run_child({"task": "rss", "provider": provider, "case": case.as_dict(), "mode": mode}, timeout=timeout)
+
+
+def peak_memory(provider: P.Provider, case: Case, mode: str, device: str) -> dict:
+    """Bytes above the inputs at the peak of one step: {'extra_bytes': ..}, or {'oom': message} (CUDA) or
+    {'error': message} (the CPU child failed). CUDA: the allocator's peak above the level before the step;
+    CPU: the peak RSS of a fresh subprocess above its RSS before the step."""
+    if device != "cuda":
+        return peak_rss(provider.name, case, mode)
+    try:
+        loss_fn, inputs = prepare(provider, case, device)
+        return {"extra_bytes": cuda_peak(loss_fn, inputs, mode)}
+    except torch.cuda.OutOfMemoryError as exc:
+        return {"oom": str(exc).splitlines()[0]}
 
 
 def traffic_in_subprocess(provider: str, cases: list[Case], timeout: float = 900) -> dict:

@@ -18,12 +18,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ...core import backends
+from ...core import backends, divergences
 from .cases import BETA, SKEW, Case
 
 Loss = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor]
 METRICS = ("time", "memory", "traffic")
-_DIVS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+_DIVS = divergences.NAMES
 
 
 @dataclass

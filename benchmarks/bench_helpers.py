@@ -1,0 +1,33 @@
+"""Shared by the benchmark modules: the skip decision and a measurement that write their own rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from distillkit.tools.bench import measure
+from distillkit.tools.bench.providers import get
+
+
+def measured_peak(provider, case, mode, device, writer) -> float:
+    """measure.peak_memory's bytes, or the row written as oom / skipped and the test skipped."""
+    result = measure.peak_memory(provider, case, mode, device)
+    if "oom" in result:
+        writer.add(case, provider.name, mode, "peak_memory", None, "MiB", status="oom", note=result["oom"])
+        pytest.skip("out of memory")
+    if "error" in result:
+        writer.skip(case, provider.name, mode, "peak_memory", result["error"])
+        pytest.skip(result["error"])
+    return result["extra_bytes"]
+
+
+def measurable(provider_name, case, mode, device, matrix, writer, metric: str):
+    """The provider, after writing a skip row for `metric` ("time", "peak_memory"; the test is skipped) when
+    it cannot run this case here: unavailable, or torch.compile outside the matrix's compile_ops."""
+    provider = get(provider_name)
+    reason = provider.unavailable(case, device, "memory" if metric == "peak_memory" else metric)
+    if reason is None and provider.kind == "compile" and case.op not in matrix["compile_ops"]:
+        reason = f"torch.compile measured only for {matrix['compile_ops']} at this --bench-size (compile time)"
+    if reason:
+        writer.skip(case, provider_name, mode, metric, reason)
+        pytest.skip(reason)
+    return provider
