@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit.core import _ext
+from distillkit.core.backends import _ext
 
 N, V = 4096, 32000
 ROUNDS = 5

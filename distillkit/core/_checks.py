@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import backends, divergences
+from .divergences import check_number
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = backends.NAMES
@@ -45,13 +46,6 @@ def check_logits(name: str, logits) -> None:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64; got {logits.dtype}")
     if logits.dim() < 1:
         raise ValueError(f"{name} must have a vocabulary dimension; got a 0-dim tensor")
-
-
-def check_number(name: str, value) -> float:
-    """`value` as a float, or a TypeError naming `name` (bools, strings and tensors are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float; got {type(value).__name__} {value!r}")
-    return float(value)
 
 
 def check_options(*, divergence: str, beta: float, skew: float, temperature: float,

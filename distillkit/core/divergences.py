@@ -84,26 +84,27 @@ def from_id(div_id: int) -> Divergence:
     return _BY_ID[div_id]
 
 
-def _number(name: str, value) -> float:
+def check_number(name: str, value) -> float:
+    """`value` as a float, or a TypeError naming `name` (bools, strings and tensors are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python float; got {type(value).__name__} {value!r}")
     return float(value)
 
 
 def _check_beta(value) -> None:
-    if not (0.0 < _number("beta", value) < 1.0):
+    if not (0.0 < check_number("beta", value) < 1.0):
         raise ValueError(f"beta must be in (0, 1); got {value}")
 
 
 def _check_skew(value) -> None:
-    if not (0.0 <= _number("skew", value) < 1.0):
+    if not (0.0 <= check_number("skew", value) < 1.0):
         raise ValueError(f"skew must be in [0, 1); got {value}")
 
 
 def _check_alpha_beta(value) -> None:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"alpha_beta must be a pair (alpha, beta) of floats; got {value!r}")
-    alpha, beta = _number("alpha_beta[0] (alpha)", value[0]), _number("alpha_beta[1] (beta)", value[1])
+    alpha, beta = check_number("alpha_beta[0] (alpha)", value[0]), check_number("alpha_beta[1] (beta)", value[1])
     # Negative powers of p or q are unbounded where a probability is 0 (a masked vocabulary entry).
     if not (math.isfinite(alpha) and math.isfinite(beta) and alpha >= 0 and beta >= 0 and alpha + beta > 0):
         raise ValueError(f"alpha_beta must be two finite numbers >= 0, not both 0; got {tuple(value)}")

@@ -28,7 +28,7 @@ def collect() -> dict:
     except ImportError:
         info["triton"] = "not installed"
     try:
-        from ..core import _ext
+        from ..core.backends import _ext
 
         info["extension"] = _ext.describe() if hasattr(_ext, "describe") else (
             "built" if _ext.available() else "not built")

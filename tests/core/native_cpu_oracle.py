@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit.core import _ext
+from distillkit.core.backends import _ext
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not built: {_ext.load_error()}")
 

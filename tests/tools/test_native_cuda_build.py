@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from distillkit.core import _ext
+from distillkit.core.backends import _ext
 from distillkit.tools import cuda_report
 
 # Template instances the launchers can pick: ids 1-7 with 3x3 dtype pairs, CE-only (id 0) with 3; the

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-OPS = ("rows", "topk", "shard")  # the dense op, the top-k op, the vocabulary-parallel shard passes
+OPS = ("rows", "topk")  # the dense op (also under the vocabulary-parallel op) and the top-k op
 
 
 # Constant for torch.compile: traced once, eagerly (the extension import cannot be traced).
@@ -37,7 +37,7 @@ def triton_usable(device: torch.device) -> bool:
 @torch.compiler.assume_constant_result
 def native_usable(device: torch.device) -> bool:
     try:
-        from .. import _ext
+        from . import _ext
     except ImportError:  # a source tree without the extension's Python side
         return False
     if device.type == "cpu":

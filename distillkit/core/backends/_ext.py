@@ -10,12 +10,11 @@ from typing import Optional
 
 import torch
 
-# The stats columns, backends._rows.NUM_STATS: not imported from there, since backends imports this module.
-NUM_STATS = 8
+from ._rows import NUM_STATS
 
 _error: Optional[BaseException] = None
 try:
-    from .. import _C  # noqa: F401  (registers the ops via static initializers)
+    from ... import _C  # noqa: F401  (registers the ops via static initializers)
 except ImportError as e:  # not built, or built against another torch
     _C = None
     _error = e
