@@ -14,7 +14,7 @@ from .sparse.teacher_cache import TeacherCache, TeacherCacheError, TopKBatch, wr
 from .sparse.topk import distill_loss_topk
 from .core.vocab import truncate_to_shared_vocab
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["distill_loss", "loss_terms", "shift_labels", "LossTerms", "DistillationLoss", "SpanDistillationLoss",
            "fused_linear_distill_loss", "distill_loss_topk", "truncate_to_shared_vocab",

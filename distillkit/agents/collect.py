@@ -15,7 +15,10 @@ Rate limits (429), overload (529), server errors (5xx), timeouts and connection 
 with exponential backoff (the ``retry-after`` header is honoured, capped at ``max_backoff``); a query
 that still fails, or fails with a non-retryable error, is recorded with its ``error`` and
 ``answer: null`` instead of stopping the collection. The API key is read by the SDK from
-``ANTHROPIC_API_KEY`` and never appears in the output or in log messages.
+``ANTHROPIC_API_KEY`` and never appears in the output or in log messages: every error text that is
+stored (``error``, a tool's ``error: ...`` result) or logged goes through
+:func:`distillkit.agents.redact.redact`, with the client's key, the key-like environment variables and
+any ``secrets=`` as known secrets, plus key-shaped tokens (``sk-ant-...``, ``Bearer ...``, ...).
 
 Output: one trajectory per query in the native schema::
 
@@ -35,8 +38,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .agent import Cascade, LMPolicy, ReActFormat, execute_tool
+from .redact import redact, secrets_from_environment
 
-__all__ = ["collect_teacher_trajectories", "AnthropicTeacher", "LocalTeacher", "RetryPolicy", "tool_specs_from"]
+__all__ = ["collect_teacher_trajectories", "AnthropicTeacher", "LocalTeacher", "RetryPolicy", "tool_specs_from",
+           "known_secrets"]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +55,11 @@ class RetryPolicy:
     RETRY_STATUS = frozenset({408, 409, 429, 529})
 
     def __init__(self, max_retries: int = 5, base: float = 1.0, max_backoff: float = 60.0,
-                 jitter: bool = True, sleep: Callable[[float], None] = time.sleep, seed: Optional[int] = None):
+                 jitter: bool = True, sleep: Callable[[float], None] = time.sleep, seed: Optional[int] = None,
+                 secrets: Sequence[str] = ()):
         self.max_retries, self.base, self.max_backoff = max_retries, base, max_backoff
         self.jitter, self.sleep = jitter, sleep
+        self.secrets = tuple(secrets)  # redacted from the retry warnings (AnthropicTeacher adds its key)
         self._rng = random.Random(seed)
         self.delays: list[float] = []  # every delay slept, for inspection
 
@@ -86,18 +93,41 @@ class RetryPolicy:
                 if attempt >= self.max_retries or not self.retryable(exc):
                     raise
                 wait = self.delay(attempt, exc)
-                log.warning("teacher request failed (%s, status %s); retry %d/%d in %.2fs", type(exc).__name__,
-                            getattr(exc, "status_code", "-"), attempt + 1, self.max_retries, wait)
+                log.warning("teacher request failed (%s); retry %d/%d in %.2fs", _describe(exc, self.secrets),
+                            attempt + 1, self.max_retries, wait)
                 self.delays.append(wait)
                 self.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, secrets: Sequence[str] = ()) -> str:
+    """One redacted line for a stored ``error`` or a log message: type, HTTP status, first message line."""
     status = getattr(exc, "status_code", None)
-    message = str(exc).splitlines()[0][:300] if str(exc) else ""
+    # Redact the whole text before cutting it, so that a key split by the cut cannot survive as a prefix.
+    text = redact(str(exc), secrets)
+    message = text.splitlines()[0][:300] if text else ""
     return f"{type(exc).__name__}" + (f" (HTTP {status})" if status is not None else "") + (
         f": {message}" if message else "")
+
+
+def known_secrets(client=None, secrets: Sequence[str] = ()) -> tuple[str, ...]:
+    """The secrets to redact: ``secrets``, the client's API key / auth token, key-like environment variables."""
+    found = [s for s in secrets if isinstance(s, str) and s]
+    found += [value for attr in ("api_key", "auth_token")
+              if isinstance(value := getattr(client, attr, None), str) and value]
+    found += secrets_from_environment()
+    return tuple(dict.fromkeys(found))
+
+
+def _redact_record(trajectory: dict, secrets: Sequence[str]) -> dict:
+    """Redact the error texts of a trajectory in place: ``error`` and tool results built from exceptions."""
+    if trajectory.get("error"):
+        trajectory["error"] = redact(str(trajectory["error"]), secrets)
+    for step in trajectory.get("steps", []):
+        result = step.get("tool_result")
+        if isinstance(result, str) and result.startswith("error:"):  # execute_tool's "error: {exc}"
+            step["tool_result"] = redact(result, secrets)
+    return trajectory
 
 
 def tool_specs_from(tools: Mapping[str, Callable]) -> list[dict]:
@@ -111,16 +141,20 @@ class AnthropicTeacher:
 
     The client's own retries are switched off (``with_options(max_retries=0)``) so that
     :class:`RetryPolicy` alone decides; pass ``thinking={"type": "enabled", "budget_tokens": N}``
-    to capture extended thinking as reasoning.
+    to capture extended thinking as reasoning. ``secrets``: more strings to redact from errors, besides
+    the client's key and the key-like environment variables (:func:`known_secrets`).
     """
 
     def __init__(self, client, model: str, *, tool_specs: Optional[Sequence[dict]] = None,
                  system: Optional[str] = None, max_tokens: int = 1024, thinking: Optional[dict] = None,
-                 max_steps: int = 8, retry: Optional[RetryPolicy] = None, **create_kw):
+                 max_steps: int = 8, retry: Optional[RetryPolicy] = None, secrets: Sequence[str] = (),
+                 **create_kw):
         self.client = client.with_options(max_retries=0) if hasattr(client, "with_options") else client
         self.model, self.tool_specs, self.system = model, tool_specs, system
         self.max_tokens, self.thinking, self.max_steps = max_tokens, thinking, max_steps
+        self.secrets = known_secrets(client, secrets)
         self.retry = retry or RetryPolicy()
+        self.retry.secrets = tuple(dict.fromkeys(self.retry.secrets + self.secrets))
         self.create_kw = create_kw
 
     @staticmethod
@@ -170,13 +204,15 @@ class AnthropicTeacher:
                     thought = "\n".join(x for x in reasoning + texts if x).strip() if k == 0 else ""
                     call = {"name": use.name, "arguments": dict(use.input or {})}
                     result = execute_tool(tools, call)
+                    if result.startswith("error:"):  # built from an exception: redact before sending and storing
+                        result = redact(result, self.secrets)
                     trajectory["steps"].append({"reasoning": thought, "tool_call": call, "tool_result": result})
                     results.append({"type": "tool_result", "tool_use_id": use.id, "content": result,
                                     "is_error": result.startswith("error:")})
                 messages.append({"role": "user", "content": results})
             trajectory["error"] = f"no final answer within {self.max_steps} model turns"
         except Exception as exc:  # recorded, not fatal
-            trajectory["error"] = _describe(exc)
+            trajectory["error"] = _describe(exc, self.secrets)
         return trajectory
 
 
@@ -185,7 +221,8 @@ class LocalTeacher:
 
     def __init__(self, model, tokenizer=None, *, max_steps: int = 8, batch_size: int = 64,
                  max_new_tokens: int = 96, fmt: ReActFormat = ReActFormat(), temperature: float = 0.0,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, secrets: Sequence[str] = ()):
+        self.secrets = known_secrets(None, secrets)
         if isinstance(model, LMPolicy):
             self.policy = model
             if temperature:
@@ -203,9 +240,9 @@ class LocalTeacher:
             episodes = cascade.run(queries, progress=progress)
         except Exception as exc:  # e.g. out of memory on a huge batch: fall back to one at a time
             if len(queries) == 1:
-                return [{"user": queries[0], "steps": [], "answer": None, "error": _describe(exc)}]
+                return [{"user": queries[0], "steps": [], "answer": None, "error": _describe(exc, self.secrets)}]
             return [t for q in queries for t in self.run_batch([q], tools)]
-        return [e.to_trajectory() for e in episodes]
+        return [_redact_record(e.to_trajectory(), self.secrets) for e in episodes]
 
 
 TeacherLike = Union[AnthropicTeacher, LocalTeacher, LMPolicy, Any]
@@ -218,7 +255,7 @@ def collect_teacher_trajectories(
     max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0, batch_size: int = 64,
     temperature: float = 0.0, seed: Optional[int] = None,
     out_path: Union[str, Path, None] = None, progress: bool = True,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] = time.sleep, secrets: Sequence[str] = (),
 ) -> list[dict]:
     """Run ``teacher`` on every query with ``tools`` (``name -> fn(**arguments)``) and return trajectories.
 
@@ -234,6 +271,8 @@ def collect_teacher_trajectories(
 
     Retries (``max_retries``, ``backoff`` base seconds doubling per attempt, capped at ``max_backoff``)
     apply to the API backend. A failed query is kept in the output with ``answer: None`` and ``error``.
+    Error texts are redacted (the client's key, key-like environment variables, ``secrets``, key-shaped
+    tokens) before they are stored or logged.
     """
     from tqdm.auto import tqdm
 
@@ -243,11 +282,12 @@ def collect_teacher_trajectories(
         if not model:
             raise ValueError("the Anthropic backend needs model=<model name>")
         backend = AnthropicTeacher(teacher, model, tool_specs=tool_specs, system=system, max_tokens=max_tokens,
-                                   thinking=thinking, max_steps=max_steps,
+                                   thinking=thinking, max_steps=max_steps, secrets=secrets,
                                    retry=RetryPolicy(max_retries, backoff, max_backoff, sleep=sleep))
     else:
         backend = LocalTeacher(teacher, tokenizer, max_steps=max_steps, batch_size=batch_size,
-                               temperature=temperature, seed=seed)
+                               temperature=temperature, seed=seed, secrets=secrets)
+    all_secrets = tuple(dict.fromkeys((*secrets, *backend.secrets)))
 
     out: list[dict] = []
     bar = tqdm(total=len(queries), desc="collect", unit="query", disable=not progress, leave=False)
@@ -263,7 +303,12 @@ def collect_teacher_trajectories(
                 bar.update(1)
     finally:
         bar.close()
-    failed = sum(1 for t in out if t.get("error"))
+    failed = 0
+    for number, trajectory in enumerate(out, 1):
+        _redact_record(trajectory, all_secrets)  # again: a prepared backend may not know `secrets`
+        if trajectory.get("error"):
+            failed += 1
+            log.warning("query %d of %d failed: %s", number, len(out), trajectory["error"])
     if failed:
         log.warning("%d of %d queries failed (kept with their error)", failed, len(out))
     if out_path is not None:

@@ -7,7 +7,6 @@ separate function that callers can switch off.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Union
 
@@ -26,17 +25,6 @@ Weight = Union[float, int, torch.Tensor]
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def known_options(cls, values, what: str) -> dict:
-    """`values` as a dict, after checking that every key names a field of the dataclass `cls`
-    (`what` names the options in the error: "loss", "curriculum")."""
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {sorted(unknown)}; known: {sorted(known)}")
-    return values
 
 
 def check_logits(name: str, logits) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from ..core.spans import PAD_SPAN
 from .tokenize import IGNORE_INDEX
 
-_REQUIRED = ("input_ids", "labels", "span_ids")
+_REQUIRED = ("input_ids", "labels")
 
 
 class DistillationCollator:
@@ -17,7 +17,10 @@ class DistillationCollator:
     "attention_mask"} int64 tensors [batch, length], right-padded to the longest example (rounded
     up to pad_to_multiple_of). Padding is input_ids=pad_token_id, labels=ignore_index,
     span_ids=PAD_SPAN, attention_mask=0. Labels are padded by position, never derived from
-    pad_token_id, so pad == eos leaves every real EOS label intact."""
+    pad_token_id, so pad == eos leaves every real EOS label intact.
+
+    Features without span_ids (a plain {input_ids, labels} dataset) give a batch without span_ids:
+    DistillationTrainer then counts labelled tokens as ANSWER spans. A batch must not mix the two."""
 
     def __init__(self, pad_token_id: int, *, pad_to_multiple_of: Optional[int] = None,
                  ignore_index: int = IGNORE_INDEX):
@@ -39,13 +42,21 @@ class DistillationCollator:
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("cannot collate an empty batch")
+        with_spans = "span_ids" in features[0]
+        required = _REQUIRED + (("span_ids",) if with_spans else ())
         lengths = []
         for n, feature in enumerate(features):
+            if not isinstance(feature, Mapping):
+                raise TypeError(f"feature {n} must be a mapping of input_ids, labels[, span_ids]; "
+                                f"got {type(feature).__name__}")
             missing = [key for key in _REQUIRED if key not in feature]
             if missing:
-                raise KeyError(f"feature {n} lacks {missing}")
+                raise ValueError(f"feature {n} lacks {', '.join(missing)} (keys: {', '.join(map(str, feature))})")
+            if ("span_ids" in feature) != with_spans:
+                raise ValueError(f"feature {n} {'lacks' if with_spans else 'has'} span_ids but feature 0 "
+                                 f"{'has' if with_spans else 'lacks'} them: a batch must not mix the two")
             length = len(feature["input_ids"])
-            keys = _REQUIRED + (("attention_mask",) if "attention_mask" in feature else ())
+            keys = required + (("attention_mask",) if "attention_mask" in feature else ())
             if any(len(feature[key]) != length for key in keys):
                 raise ValueError(f"feature {n}: {', '.join(keys)} differ in length")
             lengths.append(length)
@@ -56,11 +67,12 @@ class DistillationCollator:
         out = {
             "input_ids": torch.full((batch, width), self.pad_token_id, dtype=torch.long),
             "labels": torch.full((batch, width), self.ignore_index, dtype=torch.long),
-            "span_ids": torch.full((batch, width), PAD_SPAN, dtype=torch.long),
             "attention_mask": torch.zeros((batch, width), dtype=torch.long),
         }
+        if with_spans:
+            out["span_ids"] = torch.full((batch, width), PAD_SPAN, dtype=torch.long)
         for row, (feature, length) in enumerate(zip(features, lengths)):
-            for key in _REQUIRED:
+            for key in required:
                 out[key][row, :length] = torch.as_tensor(feature[key], dtype=torch.long)
             mask = feature.get("attention_mask")
             out["attention_mask"][row, :length] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)

@@ -7,26 +7,29 @@ Four JSONL formats are read (docs/DATA.md has one example of each):
 - Anthropic: {"messages": [...]} with content blocks text/thinking/tool_use/tool_result
 - ReAct:     {"text": "..."} with Thought:/Action:/Action Input:/Observation:/Final Answer: lines
 
-Records are plain JSON: nothing is ever eval'd, exec'd or unpickled.
+Records are plain JSON: nothing is ever eval'd, exec'd or unpickled. Before parsing, every record is
+held to the limits of limits.py (nesting depth, lone surrogates); keys a format does not define are
+warned about or rejected (`unknown_keys`, docs/DATA.md "Errors").
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Optional
+import warnings
+from typing import Any, Literal, Optional
 
+from .known_keys import (ANTHROPIC_BLOCK_KEYS, ANTHROPIC_MESSAGE_KEYS, OPENAI_CALL_KEYS, OPENAI_FUNCTION_KEYS,
+                         OPENAI_MESSAGE_KEYS, STEP_KEYS, TOOL_CALL_KEYS, TOP_KEYS, UNKNOWN_KEY_MODES, KeyCheck,
+                         UnknownKey, unknown_key_warning)
+from .limits import JSONLimitError, check_value, loads_within_limits
 from .react import parse_react
 from .trajectory import Step, ToolCall, Trajectory, TrajectoryError
 
-__all__ = ["FORMATS", "detect_format", "parse_trajectory"]
+__all__ = ["FORMATS", "UNKNOWN_KEY_MODES", "UnknownKey", "detect_format", "parse_record", "parse_trajectory"]
 
 FORMATS = ("native", "openai", "anthropic", "react")
 
-_STEP_KEYS = {"reasoning", "tool_call", "tool_result"}
-_TOOL_CALL_KEYS = {"name", "arguments"}
 # Anthropic-only content blocks; their presence tells the two {"messages": ...} styles apart.
 _ANTHROPIC_BLOCKS = {"thinking", "redacted_thinking", "tool_use", "tool_result"}
-
 
 # ----------------------------------------------------------------------------- field helpers
 
@@ -72,14 +75,14 @@ def _tools(value, field_name: str) -> Optional[list[dict]]:
 
 
 def _json_arguments(value, field_name: str) -> dict:
-    """Tool-call arguments: a JSON object, or a string holding one (parsed with json.loads)."""
+    """Tool-call arguments: a JSON object, or a string holding one (decoded within the limits)."""
     if value is None or value == "":
         return {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            _fail(field_name, f"is not valid JSON ({exc.msg} at char {exc.pos})")
+            value = loads_within_limits(value)
+        except JSONLimitError as exc:
+            _fail(field_name, str(exc))
     return _dict(value, field_name)
 
 
@@ -111,20 +114,19 @@ class _PendingCalls:
 
 # ----------------------------------------------------------------------------- native
 
-def _parse_native(record: dict) -> Trajectory:
+_TYPO_DROPS_AN_ACTION = " (always an error here: a typo such as 'tool_calls' would drop an action)"
+
+
+def _parse_native(record: dict, keys: KeyCheck) -> Trajectory:
     steps = []
     for i, raw in enumerate(_list(record.get("steps", []), "steps")):
         where = f"steps[{i}]"
         raw = _dict(raw, where)
-        unknown = set(raw) - _STEP_KEYS
-        if unknown:  # strict here: a typo such as "tool_calls" would otherwise drop a step's action
-            _fail(where, f"unknown key(s) {sorted(unknown)}; expected {sorted(_STEP_KEYS)}")
+        keys.check(raw, where, STEP_KEYS, always_error=True, why=_TYPO_DROPS_AN_ACTION)
         call = None
         if raw.get("tool_call") is not None:
             raw_call = _dict(raw["tool_call"], f"{where}.tool_call")
-            unknown = set(raw_call) - _TOOL_CALL_KEYS
-            if unknown:
-                _fail(f"{where}.tool_call", f"unknown key(s) {sorted(unknown)}; expected name, arguments")
+            keys.check(raw_call, f"{where}.tool_call", TOOL_CALL_KEYS, always_error=True, why=_TYPO_DROPS_AN_ACTION)
             call = ToolCall(_str(raw_call.get("name"), f"{where}.tool_call.name"),
                             _dict(raw_call.get("arguments", {}), f"{where}.tool_call.arguments"))
         step = Step(_str(raw.get("reasoning"), f"{where}.reasoning", optional=True), call,
@@ -155,7 +157,7 @@ def _openai_text(content, field_name: str, *, optional: bool = False) -> Optiona
     return "\n".join(parts)
 
 
-def _turns(record: dict):
+def _turns(record: dict, keys: KeyCheck, known: tuple[str, ...]):
     """(field path, message, role, whether it is the last assistant turn) for each of record["messages"]."""
     messages = _list(record.get("messages"), "messages")
     last_assistant = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
@@ -163,16 +165,17 @@ def _turns(record: dict):
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         message = _dict(message, where)
+        keys.check(message, where, known)
         yield where, message, _str(message.get("role"), f"{where}.role"), i == last_assistant
 
 
-def _parse_openai(record: dict) -> Trajectory:
+def _parse_openai(record: dict, keys: KeyCheck) -> Trajectory:
     system_parts: list[str] = []
     user: Optional[str] = None
     steps: list[Step] = []
     answer: Optional[str] = None
     pending = _PendingCalls()
-    for where, message, role, last_assistant_turn in _turns(record):
+    for where, message, role, last_assistant_turn in _turns(record, keys, OPENAI_MESSAGE_KEYS):
         if role in ("system", "developer"):
             if user is not None:
                 _fail(f"{where}.role", "a system message after the user turn is not supported")
@@ -192,7 +195,9 @@ def _parse_openai(record: dict) -> Trajectory:
             for j, raw in enumerate(_list(calls, f"{where}.tool_calls")):
                 call_where = f"{where}.tool_calls[{j}]"
                 raw = _dict(raw, call_where)
+                keys.check(raw, call_where, OPENAI_CALL_KEYS)
                 function = _dict(raw.get("function"), f"{call_where}.function")
+                keys.check(function, f"{call_where}.function", OPENAI_FUNCTION_KEYS)
                 call = ToolCall(_str(function.get("name"), f"{call_where}.function.name"),
                                 _json_arguments(function.get("arguments"), f"{call_where}.function.arguments"))
                 # Parallel calls become consecutive steps; the message text goes with the first.
@@ -243,21 +248,28 @@ def _anthropic_tools(value) -> Optional[list[dict]]:
     return converted
 
 
-def _parse_anthropic(record: dict) -> Trajectory:
+def _anthropic_blocks(message: dict, where: str, keys: KeyCheck):
+    """(field path, block, block type) for each content block of a message (a string is one text block)."""
+    content = message.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else _list(content, f"{where}.content")
+    for k, block in enumerate(blocks):
+        block_where = f"{where}.content[{k}]"
+        block = _dict(block, block_where)
+        kind = block.get("type")
+        if isinstance(kind, str) and kind in ANTHROPIC_BLOCK_KEYS:
+            keys.check(block, block_where, ANTHROPIC_BLOCK_KEYS[kind])
+        yield block_where, block, kind
+
+
+def _parse_anthropic(record: dict, keys: KeyCheck) -> Trajectory:
     user: Optional[str] = None
     steps: list[Step] = []
     answer: Optional[str] = None
     pending = _PendingCalls()
-    for where, message, role, last_assistant_turn in _turns(record):
-        content = message.get("content")
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else \
-            _list(content, f"{where}.content")
+    for where, message, role, last_assistant_turn in _turns(record, keys, ANTHROPIC_MESSAGE_KEYS):
         if role == "user":
             texts = []
-            for k, block in enumerate(blocks):
-                block_where = f"{where}.content[{k}]"
-                block = _dict(block, block_where)
-                kind = block.get("type")
+            for block_where, block, kind in _anthropic_blocks(message, where, keys):
                 if kind == "text":
                     texts.append(_str(block.get("text"), f"{block_where}.text"))
                 elif kind == "tool_result":
@@ -274,10 +286,7 @@ def _parse_anthropic(record: dict) -> Trajectory:
             if user is None:
                 _fail(f"{where}.role", "an assistant turn before the user turn")
             held: list[tuple[str, str]] = []  # (block type, text) not yet attached to a step
-            for k, block in enumerate(blocks):
-                block_where = f"{where}.content[{k}]"
-                block = _dict(block, block_where)
-                kind = block.get("type")
+            for block_where, block, kind in _anthropic_blocks(message, where, keys):
                 if kind == "thinking":
                     held.append((kind, _str(block.get("thinking"), f"{block_where}.thinking")))
                 elif kind == "text":
@@ -312,7 +321,7 @@ def _parse_anthropic(record: dict) -> Trajectory:
 
 # ----------------------------------------------------------------------------- ReAct
 
-def _parse_react(record: dict) -> Trajectory:
+def _parse_react(record: dict, keys: KeyCheck) -> Trajectory:  # ReAct has no nested key sets
     text = _str(record.get("text"), "text")
     try:
         parsed = parse_react(text)
@@ -340,8 +349,8 @@ def detect_format(record: dict) -> str:
         messages = record["messages"] if isinstance(record["messages"], list) else []
         for message in messages:
             content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") in _ANTHROPIC_BLOCKS
-                                                 for b in content):
+            if isinstance(content, list) and any(isinstance(b, dict) and isinstance(b.get("type"), str)
+                                                 and b["type"] in _ANTHROPIC_BLOCKS for b in content):
                 return "anthropic"
         return "anthropic" if "system" in record else "openai"  # Anthropic keeps the system prompt top-level
     if "text" in record:
@@ -352,12 +361,37 @@ def detect_format(record: dict) -> str:
                 "Anthropic) or 'text' (ReAct)")
 
 
-def parse_trajectory(record: Any, *, line: Optional[int] = None, format: Optional[str] = None) -> Trajectory:
-    """One decoded JSON record -> Trajectory. `format` forces a parser; by default it is detected."""
+def parse_record(record: Any, *, format: Optional[str] = None,
+                 unknown_keys: Literal["warn", "error"] = "warn") -> tuple[Trajectory, list[UnknownKey]]:
+    """One decoded JSON record -> (Trajectory, its unknown keys, one per level and key); warns about
+    nothing (load_trajectories and parse_trajectory report the unknown keys their own way)."""
+    if format is not None and format not in FORMATS:  # a tuple: an unhashable argument is just not in it
+        raise ValueError(f"format must be one of {FORMATS} or None, got {format!r}")
+    if unknown_keys not in UNKNOWN_KEY_MODES:
+        raise ValueError(f"unknown_keys must be one of {UNKNOWN_KEY_MODES}, got {unknown_keys!r}")
+    record = _dict(record, "(record)")
+    try:  # before any parser looks at it: every string must be encodable, the nesting bounded
+        check_value(record)
+    except JSONLimitError as exc:
+        _fail(exc.path or "(record)", exc.reason)
+    keys = KeyCheck(unknown_keys)
+    chosen = format or detect_format(record)
+    keys.check(record, "", TOP_KEYS[chosen])
+    trajectory = _PARSERS[chosen](record, keys)
+    return trajectory, list(keys.found.values())
+
+
+def parse_trajectory(record: Any, *, line: Optional[int] = None, format: Optional[str] = None,
+                     unknown_keys: Literal["warn", "error"] = "warn") -> Trajectory:
+    """One decoded JSON record -> Trajectory. `format` forces a parser; by default it is detected.
+
+    A key the format does not define is an UnknownKeyWarning (unknown_keys="warn") or a TrajectoryError
+    ("error"); a step or tool call of the native format with an unknown key is always an error.
+    """
     try:
-        record = _dict(record, "(record)")
-        if format is not None and format not in _PARSERS:
-            raise ValueError(f"format must be one of {FORMATS} or None, got {format!r}")
-        return _PARSERS[format or detect_format(record)](record)
+        trajectory, unknown = parse_record(record, format=format, unknown_keys=unknown_keys)
     except TrajectoryError as exc:
-        raise exc.at_line(line) if line is not None else exc
+        raise (exc.at_line(line) if line is not None else exc) from None
+    for item in unknown:
+        warnings.warn(unknown_key_warning(item, f"line {line}: " if line is not None else ""), stacklevel=2)
+    return trajectory

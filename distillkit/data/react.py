@@ -15,10 +15,11 @@ optional "Tools: [json]" line, so it reads back to the same trajectory.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from .limits import JSONLimitError, loads_within_limits
 
 _KEYWORD = re.compile(
     r"^\s*(System|Tools|Question|User|Thought|Action Input|Action|Observation|Final Answer)\s*:[ \t]?(.*)$")
@@ -63,11 +64,12 @@ _JSON_KINDS = {dict: "JSON object", list: "JSON list"}
 
 
 def _json_value(value: str, where: str, keyword: str, expected: type) -> Any:
-    """`value` parsed with json.loads; a ValueError naming `keyword` if it is not JSON of type `expected`."""
+    """`value` decoded as JSON (within limits.py's limits); a ValueError naming `keyword` if it is not JSON
+    of type `expected` or breaks a limit (nesting, integer length, lone surrogates)."""
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: {keyword} is not valid JSON ({exc.msg})") from None
+        parsed = loads_within_limits(value)
+    except JSONLimitError as exc:
+        raise ValueError(f"{where}: {keyword}: {exc}") from None
     if not isinstance(parsed, expected):
         raise ValueError(f"{where}: {keyword} must be a {_JSON_KINDS[expected]}, got {type(parsed).__name__}")
     return parsed

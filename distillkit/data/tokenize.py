@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Literal, Optional
 
 from ..core.spans import PAD_SPAN, Span
-from .trajectory import Trajectory
+from .limits import find_surrogate, has_surrogate
+from .trajectory import Trajectory, TrajectoryError
 
 logger = logging.getLogger("distillkit.data")
 
@@ -264,6 +265,8 @@ def _adds_bos(tokenizer) -> bool:
 
 @dataclass
 class TokenizeStats:
+    """Counts of the last `tokenize_all` call (reset at its start; direct calls of the tokenizer add to it)."""
+
     examples: int = 0
     truncated: int = 0  # examples longer than max_length
     dropped_partial_spans: int = 0  # truncated examples whose trailing cut span was dropped
@@ -292,8 +295,11 @@ class TrajectoryTokenizer:
 
     max_length truncates on the right. truncation="drop_partial_span" keeps the tokens of a span
     that the cut splits as context but sets their labels to ignore_index and span ids to PAD_SPAN;
-    truncation="error" raises TruncationError instead. `stats` counts truncated and empty examples;
-    an example with no trainable token is logged as a warning (and dropped by tokenize_all).
+    truncation="error" raises TruncationError instead. `stats` counts truncated and empty examples of
+    the last tokenize_all call (it starts afresh at each); an example with no trainable token is logged
+    as a warning (and dropped by tokenize_all). A trajectory whose text holds a lone surrogate (possible
+    when built in memory: load_trajectories rejects such lines) is a TrajectoryError naming the trajectory
+    and the field; every error of tokenize_all names the trajectory's id and index.
     """
 
     def __init__(self, tokenizer, *, max_length: Optional[int] = None,
@@ -321,13 +327,22 @@ class TrajectoryTokenizer:
                                  add_bos=self.add_bos, add_eos=self.add_eos)
 
     def __call__(self, trajectory: Trajectory) -> dict[str, list[int]]:
-        rendered = self.render(trajectory)
+        return self._encode(trajectory, None)
+
+    def _encode(self, trajectory: Trajectory, index: Optional[int]) -> dict[str, list[int]]:
+        name = trajectory.id if trajectory.id is not None else f"#{self.stats.examples}"  # for stats.empty_ids
+        label = _label(trajectory, index, self.stats.examples)  # for errors
+        try:
+            rendered = self.render(trajectory)
+        except RenderError as exc:
+            raise RenderError(f"trajectory {label}: {exc}") from exc
         text = rendered.text
+        if has_surrogate(text):  # the tokenizer would fail on it with a TypeError naming nothing
+            _raise_surrogate(trajectory, label)
         # Markup and BOS/EOS are already in the text, so the tokenizer must not add its own.
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = list(encoding["input_ids"])
         piece_of = token_pieces(text, encoding["offset_mapping"], rendered.starts())
-        name = trajectory.id if trajectory.id is not None else f"#{self.stats.examples}"
         self.stats.examples += 1
 
         dropped_piece = None
@@ -339,7 +354,7 @@ class TrajectoryTokenizer:
                 dropped_piece = piece_of[cut - 1]
                 span = Span(rendered.pieces[dropped_piece][1]).name
                 if self.truncation == "error":
-                    raise TruncationError(f"trajectory {name}: max_length={cut} cuts a {span} span "
+                    raise TruncationError(f"trajectory {label}: max_length={cut} cuts a {span} span "
                                           f"({len(input_ids)} tokens in all)")
                 self.stats.dropped_partial_spans += 1
             input_ids, piece_of = input_ids[:cut], piece_of[:cut]
@@ -355,14 +370,45 @@ class TrajectoryTokenizer:
                 "attention_mask": [1] * len(input_ids)}
 
     def tokenize_all(self, trajectories: Iterable[Trajectory], *, drop_empty: bool = True) -> list[dict]:
-        """Tokenize many; examples without a trainable token are left out unless drop_empty=False."""
+        """Tokenize many; examples without a trainable token are left out unless drop_empty=False.
+
+        `stats` is reset first, so afterwards it describes this call only. An error names the
+        trajectory by id and index: in the message of TrajectoryError, RenderError and TruncationError,
+        in a note (shown with the traceback) of any other exception.
+        """
+        self.stats = TokenizeStats()
         out = []
-        for trajectory in trajectories:
-            example = self(trajectory)
+        for index, trajectory in enumerate(trajectories):
+            try:
+                example = self._encode(trajectory, index)
+            except (TrajectoryError, RenderError, TruncationError):
+                raise
+            except Exception as exc:
+                if hasattr(exc, "add_note"):  # Python >= 3.11
+                    exc.add_note(f"while tokenizing trajectory {_label(trajectory, index, index)}")
+                raise
             if drop_empty and all(label == self.ignore_index for label in example["labels"]):
                 continue
             out.append(example)
         return out
+
+
+def _label(trajectory: Trajectory, index: Optional[int], number: int) -> str:
+    """How errors name a trajectory: "'t1' (index 3)" in tokenize_all, "'t1'" in a direct call, and
+    "#3" without an id (its index, or in a direct call the number of examples tokenized before it)."""
+    trajectory_id = getattr(trajectory, "id", None)
+    if trajectory_id is None:
+        return f"#{index if index is not None else number}"
+    return f"{trajectory_id!r} (index {index})" if index is not None else repr(trajectory_id)
+
+
+def _raise_surrogate(trajectory: Trajectory, label: str):
+    """The TrajectoryError for a trajectory whose rendered text holds a surrogate, naming its field."""
+    found = find_surrogate(trajectory.to_dict())
+    if found is None:  # not in the trajectory: in the tokenizer's bos/eos tokens or the chat template
+        raise TrajectoryError("the rendered text holds a lone surrogate (not from the trajectory's fields), "
+                              "which cannot be encoded as UTF-8", trajectory=label)
+    raise TrajectoryError(found.reason, field=found.path or None, trajectory=label)
 
 
 def tokenize_trajectory(trajectory: Trajectory, tokenizer, **options) -> dict[str, list[int]]:

@@ -9,20 +9,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["TrajectoryError", "ToolCall", "Step", "Trajectory"]
+__all__ = ["TrajectoryError", "UnknownKeyWarning", "ToolCall", "Step", "Trajectory"]
 
 
 class TrajectoryError(ValueError):
-    """A malformed record. `line` is the 1-based JSONL line (None outside a file), `field` the
-    path of the offending field, e.g. "messages[2].tool_calls[0].function.arguments"."""
+    """A malformed record, located: `path` is the file (None outside one), `line` the 1-based JSONL line,
+    `trajectory` names an in-memory trajectory (id and index) when there is no line, and `field` the
+    path of the offending field, e.g. "messages[2].tool_calls[0].function.arguments" ("(record)" for
+    the line as a whole). The message reads "data.jsonl, line 3, field 'steps[0].tool_call.name': reason"."""
 
-    def __init__(self, reason: str, *, field: Optional[str] = None, line: Optional[int] = None):
-        self.reason, self.field, self.line = reason, field, line
-        where = ([f"line {line}"] if line is not None else []) + ([f"field {field!r}"] if field else [])
-        super().__init__((", ".join(where) + ": " if where else "") + reason)
+    def __init__(self, reason: str, *, field: Optional[str] = None, line: Optional[int] = None,
+                 path: Optional[str] = None, trajectory: Optional[str] = None):
+        self.reason, self.field, self.line, self.path, self.trajectory = reason, field, line, path, trajectory
+        where = [str(path)] if path is not None else []
+        where += [f"line {line}"] if line is not None else []
+        where += [f"trajectory {trajectory}"] if trajectory is not None else []
+        where += [f"field {field!r}"] if field else []
+        message = (", ".join(where) + ": " if where else "") + reason
+        # File names and reasons may carry undecodable bytes (surrogate escapes): keep str(error) printable.
+        super().__init__(message.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+    def located(self, *, line: Optional[int] = None, path: Optional[str] = None) -> "TrajectoryError":
+        """A copy with `line` and `path` filled in (those given replace the current ones)."""
+        return TrajectoryError(self.reason, field=self.field, line=self.line if line is None else line,
+                               path=self.path if path is None else path, trajectory=self.trajectory)
 
     def at_line(self, line: int) -> "TrajectoryError":
-        return TrajectoryError(self.reason, field=self.field, line=line)
+        return self.located(line=line)
+
+
+class UnknownKeyWarning(UserWarning):
+    """A record has a key its format does not define (with unknown_keys="warn"; "error" raises instead)."""
 
 
 @dataclass

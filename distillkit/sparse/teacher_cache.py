@@ -24,8 +24,9 @@ round away 15 - logprob_bits low mantissa bits (one bit up to 2**18 ids).
 
 The index is rewritten after every shard with "complete": false, and with "complete": true (its last
 key) only once every shard is on disk; files are written to a temporary name and renamed. A reader
-refuses an incomplete cache, and names the shard when a file is missing, its sha256 differs, or its K
-or sequence lengths disagree with the index.
+checks index.json field by field on open (types, ranges, dtypes, plain shard file names that exist,
+counts that add up; `TeacherCacheError` naming the file and field), refuses an incomplete cache, and
+checks each shard when it first reads it (sha256, tensors, metadata; naming the shard file and tensor).
 """
 
 from __future__ import annotations
@@ -39,53 +40,14 @@ from collections import OrderedDict
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
-
-FORMAT = "distillkit-teacher-cache"
-VERSION = 1
-INDEX_FILE = "index.json"
-LOGPROB_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class TeacherCacheError(ValueError):
-    """A teacher cache that is incomplete, corrupt or does not match what it is read for."""
+from .cache_format import (FORMAT, INDEX_FILE, LOGPROB_DTYPES, VERSION, TeacherCacheError,  # noqa: F401
+                           load_index, pack, packing_bits, show_value, unpack)
 
 
 class TopKBatch(NamedTuple):
     ids: torch.Tensor  # [B, L, K] int32; -1 at padding (distill_loss_topk: no teacher signal there)
     logprobs: torch.Tensor  # [B, L, K] fp16/bf16; -inf at padding
     mask: torch.Tensor  # [B, L] bool, True at the cached (real) positions
-
-
-# -- packing ---------------------------------------------------------------------------------------
-
-def packing_bits(vocab_size: int) -> tuple[int, int]:
-    """(id_bits, logprob_bits) of the 32-bit word for a vocabulary of vocab_size ids."""
-    id_bits = max(1, (vocab_size - 1).bit_length())
-    logprob_bits = min(15, 32 - id_bits)
-    if logprob_bits < 8:
-        raise TeacherCacheError(f"vocabulary of {vocab_size} ids is too large to pack (at most 2**24 ids)")
-    return id_bits, logprob_bits
-
-
-def pack(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """int32 words from ids [..., K] (0 <= id < vocab_size) and logprobs [..., K] (<= 0, may be -inf)."""
-    _, lp_bits = packing_bits(vocab_size)
-    shift = 15 - lp_bits
-    neg = (-logprobs.float()).clamp_min(0.0).to(dtype)  # >= 0: the sign bit is always 0
-    bits = neg.view(torch.int16).to(torch.int64) & 0x7FFF
-    if shift:
-        bits = ((bits + (1 << (shift - 1))) >> shift).clamp_max((1 << lp_bits) - 1)
-    word = (ids.to(torch.int64) << lp_bits) | bits
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
-
-
-def unpack(words: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids int32, logprobs dtype) from packed int32 words."""
-    _, lp_bits = packing_bits(vocab_size)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    ids = (w >> lp_bits).to(torch.int32)
-    bits = ((w & ((1 << lp_bits) - 1)) << (15 - lp_bits)).to(torch.int16)
-    return ids, -bits.view(dtype)
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -235,7 +197,7 @@ def write_teacher_cache(
 
 def _safetensors_metadata(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    return json.loads(data[8:8 + header_len]).get("__metadata__") or {}
 
 
 class TeacherCache:
@@ -244,44 +206,19 @@ class TeacherCache:
     def __init__(self, path: str, *, verify: bool = True, max_open_shards: int = 2):
         self.path = path
         self.verify = verify
-        index_path = os.path.join(path, INDEX_FILE)
-        if not os.path.exists(index_path):
-            raise TeacherCacheError(f"{path}: no {INDEX_FILE}; not a teacher cache (or its writing never started)")
-        with open(index_path, encoding="utf-8") as f:
-            try:
-                index = json.load(f)
-            except json.JSONDecodeError as err:
-                raise TeacherCacheError(f"{index_path} is not valid JSON: {err}") from None
-        if index.get("format") != FORMAT or index.get("version") != VERSION:
-            raise TeacherCacheError(f"{index_path}: not a {FORMAT} version {VERSION} index")
-        if index.get("complete") is not True:
-            raise TeacherCacheError(f"{path}: the cache is incomplete (written halfway: no \"complete\": true in "
-                                    f"{INDEX_FILE}); write it again")
-        self.index = index
+        self.index = index = load_index(path)  # validated: the fields below have their types and ranges
         self.k: int = index["k"]
         self.vocab_size: int = index["vocab_size"]
         self.temperature: float = index["temperature"]
         self.dtype: torch.dtype = LOGPROB_DTYPES[index["logprob_dtype"]]
         self.seq_lengths: list[int] = list(index["seq_lengths"])
-        if (index["id_bits"], index["logprob_bits"]) != packing_bits(self.vocab_size):
-            raise TeacherCacheError(f"{index_path}: id_bits/logprob_bits do not match vocab_size {self.vocab_size}")
         # example -> (shard, first token in the shard)
         self._where: list[tuple[int, int]] = []
         for s, shard in enumerate(index["shards"]):
-            if shard["first_example"] != len(self._where):
-                raise TeacherCacheError(f"{index_path}: shard {shard['file']} starts at example "
-                                        f"{shard['first_example']}, expected {len(self._where)}")
-            lengths = self.seq_lengths[len(self._where):len(self._where) + shard["num_examples"]]
-            if len(lengths) != shard["num_examples"] or sum(lengths) != shard["num_tokens"]:
-                raise TeacherCacheError(f"{index_path}: shard {shard['file']} token/example counts disagree "
-                                        "with seq_lengths")
             offset = 0
-            for n in lengths:
+            for n in self.seq_lengths[shard["first_example"]:shard["first_example"] + shard["num_examples"]]:
                 self._where.append((s, offset))
                 offset += n
-        if len(self._where) != len(self.seq_lengths) or len(self.seq_lengths) != index["num_examples"]:
-            raise TeacherCacheError(f"{index_path}: the shards cover {len(self._where)} examples, "
-                                    f"the index lists {len(self.seq_lengths)}")
         self._open: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._max_open = max_open_shards
 
@@ -297,25 +234,32 @@ class TeacherCache:
         shard = self.index["shards"][s]
         file = os.path.join(self.path, shard["file"])
         if not os.path.exists(file):
-            raise TeacherCacheError(f"shard {shard['file']} is missing from {self.path}")
+            raise TeacherCacheError(f"{file}: shard {shard['file']} is missing from {self.path}")
         with open(file, "rb") as f:
             data = f.read()
         if self.verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            raise TeacherCacheError(f"shard {shard['file']}: sha256 mismatch (corrupt or replaced file)")
+            raise TeacherCacheError(f"{file}: sha256 mismatch with the index (corrupt or replaced file)")
         try:
             meta = _safetensors_metadata(data)
-            tensors = load(data)
+            tensors = load(data)  # safetensors: raw tensor bytes, nothing is unpickled
         except Exception as err:  # safetensors raises its own error types
-            raise TeacherCacheError(f"shard {shard['file']} is not a readable safetensors file: {err}") from None
-        topk, lengths = tensors.get("topk"), tensors.get("seq_lengths")
-        if topk is None or lengths is None or topk.dim() != 2 or topk.dtype != torch.int32:
-            raise TeacherCacheError(f"shard {shard['file']}: expected int32 'topk' [tokens, K] and 'seq_lengths'")
-        if topk.shape[1] != self.k or meta.get("k") != str(self.k):
-            raise TeacherCacheError(f"shard {shard['file']} has K={topk.shape[1]}, the index says K={self.k}")
-        first = shard["first_example"]
-        expected = self.seq_lengths[first:first + shard["num_examples"]]
-        if lengths.tolist() != expected or topk.shape[0] != shard["num_tokens"]:
-            raise TeacherCacheError(f"shard {shard['file']}: sequence lengths / token count do not match the index")
+            raise TeacherCacheError(f"{file}: not a readable safetensors file: {err}") from None
+        first, count = shard["first_example"], shard["num_examples"]
+        expected = {"topk": (torch.int32, [shard["num_tokens"], self.k]), "seq_lengths": (torch.int64, [count])}
+        for name, (dtype, shape) in expected.items():
+            tensor = tensors.get(name)
+            if tensor is None:
+                raise TeacherCacheError(f"{file}: tensor {name!r} is missing")
+            if tensor.dtype != dtype or list(tensor.shape) != shape:
+                raise TeacherCacheError(f"{file}: tensor {name!r} must be {dtype} {shape} (from the index), got "
+                                        f"{tensor.dtype} {list(tensor.shape)}")
+        for key, want in (("format", FORMAT), ("k", str(self.k)), ("first_example", str(first))):
+            if meta.get(key) != want:
+                raise TeacherCacheError(f"{file}: metadata {key!r} is {show_value(meta.get(key))}, the index says {want!r}")
+        if tensors["seq_lengths"].tolist() != self.seq_lengths[first:first + count]:
+            raise TeacherCacheError(f"{file}: tensor 'seq_lengths' differs from the index's "
+                                    f"seq_lengths[{first}:{first + count}]")
+        topk = tensors["topk"]
         self._open[s] = topk
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -379,7 +323,6 @@ class TeacherCache:
 
 def bytes_per_token(path: str) -> float:
     """Bytes of the shard files per cached token (the index excluded)."""
-    with open(os.path.join(path, INDEX_FILE), encoding="utf-8") as f:
-        index = json.load(f)
+    index = load_index(path)
     size = sum(os.path.getsize(os.path.join(path, s["file"])) for s in index["shards"])
     return size / max(index["num_tokens"], 1)

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional, Union
 
 from ..core import _checks
+from ..core.modules import _span_index
+from .coerce import ConfigError, coerce_fields, coerce_value, field_errors
 from .curriculum import CurriculumConfig
 
 COMPONENT_MODES = ("auto", "all", "logged_steps", "off")
@@ -51,41 +55,60 @@ class DistillationConfig:
     log_components: str = "auto"
 
     def __post_init__(self):
-        if isinstance(self.alpha_beta, list):  # from YAML or JSON
-            self.alpha_beta = tuple(self.alpha_beta)
-        _checks.check_options(divergence=self.divergence, beta=self.beta, skew=self.skew, alpha_beta=self.alpha_beta,
-                              temperature=float(self.temperature), reduction="mean", backend=self.backend)
-        self.temperature = float(self.temperature)
+        # Every field against its type first (YAML's "1e-3" -> 0.001, a quoted 'false' is an error),
+        # then the ranges; each failure is a ConfigError naming the field (prefixed "loss." by the CLI).
+        for key, value in coerce_fields(DistillationConfig, _init_values(self)).items():
+            setattr(self, key, value)
+        with field_errors("alpha_beta"):
+            if not isinstance(self.alpha_beta, (list, tuple)) or len(self.alpha_beta) != 2:
+                raise ValueError(f"must be a pair (alpha, beta); got {self.alpha_beta!r}")
+            self.alpha_beta = tuple(coerce_value(v, float, f"alpha_beta[{i}]") for i, v in enumerate(self.alpha_beta))
+        for key in ("divergence", "beta", "skew", "alpha_beta", "temperature", "backend"):
+            with field_errors(key):
+                _checks.check_options(**{**_DEFAULT_OPTIONS, key: getattr(self, key)})
+        with field_errors("divergence"):  # the divergence's own constraints on its options
+            _checks.check_options(divergence=self.divergence, beta=self.beta, skew=self.skew,
+                                  alpha_beta=self.alpha_beta, temperature=self.temperature, reduction="mean",
+                                  backend=self.backend)
         if isinstance(self.curriculum, Mapping):
-            self.curriculum = CurriculumConfig.from_dict(self.curriculum)
+            try:
+                self.curriculum = CurriculumConfig.from_dict(self.curriculum)
+            except ConfigError as exc:
+                raise exc.within("curriculum") from None
         if self.curriculum is not None and not isinstance(self.curriculum, CurriculumConfig):
-            raise TypeError(f"curriculum must be a CurriculumConfig or a dict; got {type(self.curriculum).__name__}")
+            raise ConfigError(f"must be a CurriculumConfig or a mapping; got {type(self.curriculum).__name__}",
+                              key="curriculum")
         if self.span_weights is not None:
             table = {}
             for key, value in dict(self.span_weights).items():
+                where = f"span_weights.{key}"
+                if isinstance(key, str) and re.fullmatch(r"\d+", key):
+                    key = int(key)  # a span id that went through JSON (checkpoint configs)
+                with field_errors(where):
+                    _span_index(key)
                 if not isinstance(value, (list, tuple)) or len(value) != 2:
-                    raise ValueError(f"span_weights[{key!r}] must be a pair (kl_weight, ce_weight); got {value!r}")
-                table[key] = (float(value[0]), float(value[1]))
+                    raise ConfigError(f"must be a pair (kl_weight, ce_weight); got {value!r}", key=where)
+                table[key] = tuple(coerce_value(v, float, f"{where}[{i}]") for i, v in enumerate(value))
             self.span_weights = table
         if isinstance(self.use_logits_free, str):
-            lowered = self.use_logits_free.lower()
             mapping = {"auto": "auto", "true": True, "false": False}
-            if lowered not in mapping:
-                raise ValueError(f"use_logits_free must be 'auto', True or False; got {self.use_logits_free!r}")
-            self.use_logits_free = mapping[lowered]
-        elif not isinstance(self.use_logits_free, bool):
-            raise ValueError(f"use_logits_free must be 'auto', True or False; got {self.use_logits_free!r}")
+            if self.use_logits_free.lower() not in mapping:
+                raise ConfigError(f"must be 'auto', true or false; got {self.use_logits_free!r}", key="use_logits_free")
+            self.use_logits_free = mapping[self.use_logits_free.lower()]
         if self.log_components not in COMPONENT_MODES:
-            raise ValueError(f"log_components must be one of {COMPONENT_MODES}; got {self.log_components!r}")
+            raise ConfigError(f"must be one of {COMPONENT_MODES}; got {self.log_components!r}", key="log_components")
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1; got {self.chunk_size}")
+            raise ConfigError(f"must be >= 1; got {self.chunk_size}", key="chunk_size")
         if self.span_weight_lr is not None and not self.span_weight_lr >= 0:
-            raise ValueError(f"span_weight_lr must be >= 0; got {self.span_weight_lr}")
-        _checks.check_choice("vocab_mismatch", self.vocab_mismatch, _checks.VOCAB_MISMATCH)
+            raise ConfigError(f"must be >= 0; got {self.span_weight_lr}", key="span_weight_lr")
+        with field_errors("vocab_mismatch"):
+            _checks.check_choice("vocab_mismatch", self.vocab_mismatch, _checks.VOCAB_MISMATCH)
 
     @classmethod
     def from_dict(cls, values: Optional[Mapping[str, Any]]) -> "DistillationConfig":
-        return cls(**_checks.known_options(cls, values or {}, "loss"))
+        """From a mapping (the YAML's `loss:` section): unknown keys and ill-typed values raise ConfigError
+        with the key."""
+        return cls(**coerce_fields(cls, values or {}))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -94,4 +117,12 @@ class DistillationConfig:
         return out
 
 
-__all__ = ["DistillationConfig", "COMPONENT_MODES"]
+def _init_values(config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in fields(config) if f.init}
+
+
+# Valid values of every option but one, so that each option is checked on its own and named.
+_DEFAULT_OPTIONS = dict(divergence="forward_kl", beta=0.5, skew=0.1, alpha_beta=(0.5, 0.5), temperature=1.0,
+                        reduction="mean", backend="auto")
+
+__all__ = ["DistillationConfig", "COMPONENT_MODES", "ConfigError"]

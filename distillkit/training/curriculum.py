@@ -35,8 +35,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..core._checks import known_options
 from ..core.spans import PAD_SPAN, Span
+from .coerce import ConfigError, coerce_fields
 
 MEASURES = ("steps", "action_tokens", "target_tokens", "tokens")
 SCHEDULES = ("sqrt", "linear")
@@ -57,26 +57,25 @@ class CurriculumConfig:
     max_complexity: Optional[float] = None  # normalizer when no reference scores are available
 
     def __post_init__(self):
-        if self.measure not in MEASURES:
-            raise ValueError(f"curriculum.measure must be one of {MEASURES}; got {self.measure!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"curriculum.schedule must be one of {SCHEDULES}; got {self.schedule!r}")
-        if not 0.0 <= self.initial_competence <= 1.0:
-            raise ValueError(f"curriculum.initial_competence must be in [0, 1]; got {self.initial_competence}")
-        if not self.warmup > 0.0:
-            raise ValueError(f"curriculum.warmup must be > 0 (a fraction of training); got {self.warmup}")
-        if self.ramp < 0.0:
-            raise ValueError(f"curriculum.ramp must be >= 0; got {self.ramp}")
-        if not 0.0 <= self.min_weight <= 1.0:
-            raise ValueError(f"curriculum.min_weight must be in [0, 1]; got {self.min_weight}")
-        if not 0.0 <= self.entropy_weight <= 1.0:
-            raise ValueError(f"curriculum.entropy_weight must be in [0, 1]; got {self.entropy_weight}")
-        if self.max_complexity is not None and not self.max_complexity > 0:
-            raise ValueError(f"curriculum.max_complexity must be > 0; got {self.max_complexity}")
+        for key, value in coerce_fields(CurriculumConfig, asdict(self)).items():
+            setattr(self, key, value)
+        checks = {
+            "measure": (self.measure in MEASURES, f"must be one of {MEASURES}"),
+            "schedule": (self.schedule in SCHEDULES, f"must be one of {SCHEDULES}"),
+            "initial_competence": (0.0 <= self.initial_competence <= 1.0, "must be in [0, 1]"),
+            "warmup": (self.warmup > 0.0, "must be > 0 (a fraction of training)"),
+            "ramp": (self.ramp >= 0.0, "must be >= 0"),
+            "min_weight": (0.0 <= self.min_weight <= 1.0, "must be in [0, 1]"),
+            "entropy_weight": (0.0 <= self.entropy_weight <= 1.0, "must be in [0, 1]"),
+            "max_complexity": (self.max_complexity is None or self.max_complexity > 0, "must be > 0"),
+        }
+        for key, (valid, requirement) in checks.items():
+            if not valid:
+                raise ConfigError(f"{requirement}; got {getattr(self, key)!r}", key=key)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "CurriculumConfig":
-        return cls(**known_options(cls, values, "curriculum"))
+        return cls(**coerce_fields(cls, values))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

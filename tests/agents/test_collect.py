@@ -1,5 +1,6 @@
 """collect_teacher_trajectories: the Anthropic backend against a local fake Messages API server
-(tool_use turn then final text; a 429 then success; a permanent 500), and the local HF backend."""
+(tool_use turn then final text; a 429 then success; a permanent 500; errors that leak keys), and the
+local HF backend."""
 
 import json
 import logging
@@ -11,9 +12,13 @@ import pytest
 anthropic = pytest.importorskip("anthropic")
 
 from distillkit.agents.collect import RetryPolicy, collect_teacher_trajectories  # noqa: E402
+from distillkit.agents.redact import REDACTED  # noqa: E402
 from distillkit.demo.env import TOOL_SPECS, make_tools  # noqa: E402
 
 API_KEY = "sk-ant-test-secret-0123456789"
+PLAIN_KEY = "plain0configured0key0value"  # not key-shaped: only redacting the configured key catches it
+UNCONFIGURED_KEY = "sk-ant-api03-Zq8vX2mN5bL7kJ4hG1fD9sA6pO3iU0yT-AA"  # in an error, but not the client's
+VAULT_PASSWORD = "vault0pass0phrase"
 MAX_REQUESTS = 40
 
 
@@ -28,7 +33,10 @@ class FakeMessagesAPI(BaseHTTPRequestHandler):
 
     ok: ...     thinking + text + tool_use (calc 2+3), then, once the tool result is sent, a final text;
     flaky: ...  the first request is answered 429 (retry-after: 0), then as "ok";
-    down: ...   always 500.
+    down: ...   always 500;
+    echo: ...   always 500, the error message echoing the API key it was sent;
+    leak: ...   always 500, the error message holding UNCONFIGURED_KEY;
+    vault: ...  tool_use of the "vault" tool, then a final text.
     """
 
     def log_message(self, *args):  # keep the test output quiet
@@ -60,6 +68,10 @@ class FakeMessagesAPI(BaseHTTPRequestHandler):
         scenario = query.split(":")[0]
         if scenario == "down":
             return self._send(500, {"type": "error", "error": {"type": "api_error", "message": "internal"}})
+        if scenario in ("echo", "leak"):
+            key = state["log"][-1]["api_key"] if scenario == "echo" else UNCONFIGURED_KEY
+            return self._send(500, {"type": "error", "error": {"type": "api_error",
+                                                               "message": f"upstream rejected key {key}"}})
         if scenario == "flaky":
             with state["lock"]:
                 first = query not in state["flaky_seen"]
@@ -73,6 +85,9 @@ class FakeMessagesAPI(BaseHTTPRequestHandler):
             assert result["type"] == "tool_result" and result["tool_use_id"] == "toolu_1"
             return self._send(200, _message([{"type": "text", "text": f"The answer is {result['content']}."}],
                                             "end_turn"))
+        if scenario == "vault":
+            return self._send(200, _message([{"type": "tool_use", "id": "toolu_1", "name": "vault", "input": {}}],
+                                            "tool_use"))
         assert body["tools"] and body["tools"][0]["name"] == "calc"
         return self._send(200, _message([
             {"type": "thinking", "thinking": "I should add the numbers.", "signature": "sig"},
@@ -184,3 +199,77 @@ def test_local_backend(tmp_path):
 
     bad = collect_teacher_trajectories(["q"], ScriptedLM(tok, broken), make_tools(), tokenizer=tok, progress=False)
     assert bad[0]["answer"] is None and "not JSON" in bad[0]["error"]
+
+
+# -- redaction: errors that carry a key, raised through the real collection path --------------------
+
+def _collect_and_check(fake_api, client, queries, secret, caplog, tmp_path, **kw):
+    """Collect, then check that `secret` is nowhere in the records, the JSONL or the log, and return them."""
+    out_path = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.DEBUG):
+        trajectories = collect_teacher_trajectories(queries, client, make_tools(), model="fake-teacher",
+                                                    max_retries=2, backoff=0.0, sleep=lambda s: None,
+                                                    out_path=out_path, progress=False, **kw)
+    everything = [json.dumps(trajectories), out_path.read_text(), caplog.text,
+                  *(record.getMessage() for record in caplog.records)]
+    assert not [text for text in everything if secret in text]
+    ours = [record.getMessage() for record in caplog.records if record.name == "distillkit.agents.collect"]
+    retries = [message for message in ours if "retry" in message]
+    assert retries and all(REDACTED in message for message in retries), ours
+    assert any("failed:" in message and REDACTED in message for message in ours), ours
+    return trajectories
+
+
+def test_configured_key_is_redacted_from_errors_and_logs(fake_api, tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)  # the client's own key must be enough
+    client = anthropic.Anthropic(api_key=PLAIN_KEY, base_url=f"http://127.0.0.1:{fake_api.server_address[1]}",
+                                 timeout=10)
+    (echo,) = _collect_and_check(fake_api, client, ["echo: hi"], PLAIN_KEY, caplog, tmp_path)
+    assert fake_api.state["log"][0]["api_key"] == PLAIN_KEY  # the server did get (and echo) the key
+    assert echo["answer"] is None and echo["error"].startswith("InternalServerError (HTTP 500)")
+    assert f"upstream rejected key {REDACTED}" in echo["error"]
+
+
+def test_key_from_the_environment_is_redacted(fake_api, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", PLAIN_KEY)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{fake_api.server_address[1]}", timeout=10)
+    (echo,) = _collect_and_check(fake_api, client, ["echo: hi"], PLAIN_KEY, caplog, tmp_path)
+    assert fake_api.state["log"][0]["api_key"] == PLAIN_KEY and REDACTED in echo["error"]
+
+
+def test_unconfigured_key_shaped_secret_is_redacted(fake_api, tmp_path, caplog):
+    (leak,) = _collect_and_check(fake_api, client_for(fake_api), ["leak: hi"], UNCONFIGURED_KEY, caplog, tmp_path)
+    assert f"upstream rejected key {REDACTED}" in leak["error"]
+
+
+def test_tool_error_with_a_configured_secret_is_redacted(fake_api, tmp_path, caplog):
+    def vault():
+        """Open the vault."""
+        raise PermissionError(f"wrong pass phrase {VAULT_PASSWORD}")
+
+    tools = {**make_tools(), "vault": vault}
+    with caplog.at_level(logging.DEBUG):
+        (trajectory,) = collect_teacher_trajectories(["vault: open it"], client_for(fake_api), tools,
+                                                     model="fake-teacher", secrets=[VAULT_PASSWORD], progress=False)
+    assert trajectory["steps"][0]["tool_result"] == f"error: wrong pass phrase {REDACTED}"
+    sent = json.dumps([entry["body"] for entry in fake_api.state["log"]])
+    assert VAULT_PASSWORD not in sent + json.dumps(trajectory) + caplog.text and REDACTED in sent
+
+
+def test_local_backend_error_is_redacted(tmp_path, caplog, monkeypatch):
+    pytest.importorskip("tokenizers")
+    from test_agent import ScriptedLM, char_tokenizer
+
+    hf_token = "hf_local0token0value"
+    monkeypatch.setenv("HF_TOKEN", hf_token)
+
+    def crashes(context):
+        raise RuntimeError(f"download failed with token {hf_token} and Bearer {UNCONFIGURED_KEY[:30]}")
+
+    tok = char_tokenizer()
+    with caplog.at_level(logging.DEBUG):
+        (failed,) = collect_teacher_trajectories(["q"], ScriptedLM(tok, crashes), make_tools(), tokenizer=tok,
+                                                 progress=False)
+    assert failed["error"] == f"RuntimeError: download failed with token {REDACTED} and Bearer {REDACTED}"
+    assert hf_token not in caplog.text + json.dumps(failed) and REDACTED in caplog.text

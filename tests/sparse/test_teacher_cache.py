@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -128,12 +130,10 @@ def _shard(path, n=1):
         return json.load(f)["shards"][n]["file"]
 
 
-def _rewrite_shard(path, name, tensors, metadata):
-    """Replace a shard with other content and update its sha256, so that only the content check can fire."""
+def _replace_shard(path, name, data):
+    """Replace a shard's bytes and update its sha256, so that only the content checks can fire."""
     import hashlib
 
-    from safetensors.torch import save
-    data = save(tensors, metadata=metadata)
     with open(os.path.join(path, name), "wb") as f:
         f.write(data)
     index_path = os.path.join(path, tc.INDEX_FILE)
@@ -161,28 +161,252 @@ def test_missing_and_corrupt_shards(cache_dir):
     with pytest.raises(tc.TeacherCacheError, match=f"{name}.*sha256"):
         tc.TeacherCache(path).example(first)
     tc.TeacherCache(path).example(0)  # other shards still read
+    cache = tc.TeacherCache(path)
     os.remove(os.path.join(path, name))
-    with pytest.raises(tc.TeacherCacheError, match=f"{name}.*missing"):
-        tc.TeacherCache(path).example(first)
+    with pytest.raises(tc.TeacherCacheError, match=f"{name}.*missing"):  # removed after opening: on read
+        cache.example(first)
+    with pytest.raises(tc.TeacherCacheError, match=rf"field 'shards\[1\]\.file': shard {name} is missing"):
+        tc.TeacherCache(path)  # missing before opening: on open
 
 
-def test_wrong_k_and_wrong_lengths_name_the_shard(cache_dir):
+# -- index validation: each mutation of a valid index.json -> the field its error must name ------------
+
+def _put(key, value):
+    return lambda index: {**index, key: value}
+
+
+def _drop(key):
+    return lambda index: {k: v for k, v in index.items() if k != key}
+
+
+def _put_in_shard(s, key, value):
+    def mutate(index):
+        index["shards"][s][key] = value(index["shards"][s][key]) if callable(value) else value
+        return index
+    return mutate
+
+
+def _drop_from_shard(s, key):
+    def mutate(index):
+        del index["shards"][s][key]
+        return index
+    return mutate
+
+
+def _put_length(i, value):
+    def mutate(index):
+        index["seq_lengths"][i] = value
+        return index
+    return mutate
+
+
+INDEX_MUTATIONS = [
+    ("list", lambda index: [], "the index must be a JSON object, got list"),
+    ("null", lambda index: None, "the index must be a JSON object, got NoneType"),
+    ("format-missing", _drop("format"), "field 'format': is missing"),
+    ("format-other", _put("format", "other-cache"), "field 'format': must be 'distillkit-teacher-cache'"),
+    ("version-unknown", _put("version", 2), "field 'version': must be 1"),
+    ("version-bool", _put("version", True), "field 'version': must be 1"),
+    ("version-str", _put("version", "1"), "field 'version': must be 1"),
+    ("incomplete", _put("complete", False), "field 'complete': the cache is incomplete"),
+    ("complete-missing", _drop("complete"), "field 'complete': the cache is incomplete"),
+    ("k-missing", _drop("k"), "field 'k': is missing"),
+    ("k-zero", _put("k", 0), "field 'k': must be an int >= 1"),
+    ("k-float", _put("k", 8.0), "field 'k': must be an int >= 1 and <= 1271 (vocab_size), got 8.0"),
+    ("k-str", _put("k", "8"), "field 'k': must be an int >= 1 and <= 1271 (vocab_size), got '8'"),
+    ("k-bool", _put("k", True), "field 'k': must be an int"),
+    ("k-above-vocab", _put("k", VOCAB + 1), "field 'k': must be an int >= 1 and <= 1271 (vocab_size)"),
+    ("vocab-missing", _drop("vocab_size"), "field 'vocab_size': is missing"),
+    ("vocab-str", _put("vocab_size", "1271"), "field 'vocab_size': must be an int >= 1"),
+    ("vocab-null", _put("vocab_size", None), "field 'vocab_size': must be an int >= 1"),
+    ("vocab-zero", _put("vocab_size", 0), "field 'vocab_size': must be an int >= 1"),
+    ("vocab-too-large", _put("vocab_size", 2**25), "field 'vocab_size': must be an int >= 1 and <= 16777216"),
+    ("dtype-unknown", _put("logprob_dtype", "float32"), "field 'logprob_dtype': must be one of"),
+    ("dtype-list", _put("logprob_dtype", ["float16"]), "field 'logprob_dtype': must be one of"),
+    ("dtype-missing", _drop("logprob_dtype"), "field 'logprob_dtype': is missing"),
+    ("id-bits", _put("id_bits", 12), "field 'id_bits': must be 11 for vocab_size 1271"),
+    ("logprob-bits-str", _put("logprob_bits", "15"), "field 'logprob_bits': must be 15"),
+    ("temperature-str", _put("temperature", "1.0"), "field 'temperature': must be a finite number > 0"),
+    ("temperature-zero", _put("temperature", 0.0), "field 'temperature': must be a finite number > 0"),
+    ("temperature-nan", _put("temperature", float("nan")), "field 'temperature': must be a finite number > 0"),
+    ("temperature-bool", _put("temperature", True), "field 'temperature': must be a finite number > 0"),
+    ("lengths-object", _put("seq_lengths", {"0": 3}), "field 'seq_lengths': must be a list"),
+    ("length-negative", _put_length(3, -1), "field 'seq_lengths[3]': must be an int >= 0, got -1"),
+    ("length-str", _put_length(3, "5"), "field 'seq_lengths[3]': must be an int >= 0, got '5'"),
+    ("num-examples-off", lambda index: {**index, "num_examples": index["num_examples"] + 1},
+     "field 'num_examples': must equal the length of seq_lengths"),
+    ("num-examples-negative", _put("num_examples", -1), "field 'num_examples': must be an int >= 0"),
+    ("num-tokens-off", lambda index: {**index, "num_tokens": index["num_tokens"] - 1},
+     "field 'num_tokens': must equal the sum of seq_lengths"),
+    ("num-tokens-float", lambda index: {**index, "num_tokens": float(index["num_tokens"])},
+     "field 'num_tokens': must be an int >= 0"),
+    ("shards-str", _put("shards", "shard-00000.safetensors"), "field 'shards': must be a list"),
+    ("shards-empty", _put("shards", []), "field 'shards': the shards cover 0 examples"),
+    ("shards-last-dropped", lambda index: {**index, "shards": index["shards"][:-1]},
+     "field 'shards': the shards cover"),
+    ("shard-str", lambda index: {**index, "shards": [index["shards"][0], "shard-00001.safetensors",
+                                                     *index["shards"][2:]]},
+     "field 'shards[1]': must be a JSON object"),
+    ("file-missing", _drop_from_shard(1, "file"), "field 'shards[1].file': is missing"),
+    ("file-parent", _put_in_shard(1, "file", "../shard-00001.safetensors"),
+     "field 'shards[1].file': must be a plain file name"),
+    ("file-absolute", _put_in_shard(1, "file", "/etc/passwd"), "field 'shards[1].file': must be a plain file name"),
+    ("file-subfolder", _put_in_shard(1, "file", "sub/shard.safetensors"),
+     "field 'shards[1].file': must be a plain file name"),
+    ("file-backslash", _put_in_shard(1, "file", "..\\shard.safetensors"),
+     "field 'shards[1].file': must be a plain file name"),
+    ("file-dotdot", _put_in_shard(1, "file", ".."), "field 'shards[1].file': must be a plain file name"),
+    ("file-empty", _put_in_shard(1, "file", ""), "field 'shards[1].file': must be a plain file name"),
+    ("file-int", _put_in_shard(1, "file", 1), "field 'shards[1].file': must be a plain file name"),
+    ("file-duplicate", _put_in_shard(1, "file", "shard-00000.safetensors"),
+     "field 'shards[1].file': 'shard-00000.safetensors' is listed by an earlier shard too"),
+    ("file-absent", _put_in_shard(1, "file", "shard-99999.safetensors"),
+     "field 'shards[1].file': shard shard-99999.safetensors is missing"),
+    ("sha256-short", _put_in_shard(1, "sha256", "abc123"), "field 'shards[1].sha256': must be 64 lowercase hex"),
+    ("sha256-missing", _drop_from_shard(1, "sha256"), "field 'shards[1].sha256': is missing"),
+    ("tokens-str", _put_in_shard(1, "num_tokens", str), "field 'shards[1].num_tokens': must be an int >= 0, got '"),
+    ("tokens-off", _put_in_shard(1, "num_tokens", lambda n: n + 1), "field 'shards[1].num_tokens': must be "),
+    ("tokens-negative", _put_in_shard(1, "num_tokens", -1), "field 'shards[1].num_tokens': must be an int >= 0"),
+    ("first-example-off", _put_in_shard(1, "first_example", lambda n: n + 1),
+     "field 'shards[1].first_example': must be "),
+    ("first-example-missing", _drop_from_shard(1, "first_example"), "field 'shards[1].first_example': is missing"),
+    ("shard-examples-too-many", _put_in_shard(1, "num_examples", lambda n: n + 100),
+     "field 'shards[1].num_examples': must be an int >= 0 and <= "),
+    ("shard-examples-negative", _put_in_shard(1, "num_examples", -1), "field 'shards[1].num_examples'"),
+]
+
+
+@pytest.mark.parametrize("mutate, field", [pytest.param(m, f, id=name) for name, m, f in INDEX_MUTATIONS])
+def test_malformed_index_names_the_file_and_field(cache_dir, mutate, field):
+    path, _ = cache_dir
+    index_path = os.path.join(path, tc.INDEX_FILE)
+    with open(index_path) as f:
+        index = json.load(f)
+    assert len(index["shards"]) >= 3
+    with open(index_path, "w") as f:
+        json.dump(mutate(index), f)
+    for open_cache in (tc.TeacherCache, tc.bytes_per_token):
+        with pytest.raises(tc.TeacherCacheError) as err:
+            open_cache(path)
+        assert str(err.value).startswith(f"{index_path}: ") and field in str(err.value)
+
+
+@pytest.mark.parametrize("content, problem", [
+    pytest.param(None, "is not valid JSON", id="truncated"),
+    pytest.param(b"", "is not valid JSON", id="empty"),
+    pytest.param(b"{'k': 8}", "is not valid JSON", id="python-literal"),
+    pytest.param(b"\xff\xfe\x00garbage", "is not UTF-8", id="binary"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "is not valid JSON", id="deeply-nested"),
+])
+def test_unparseable_index(cache_dir, content, problem):
+    path, _ = cache_dir
+    index_path = os.path.join(path, tc.INDEX_FILE)
+    with open(index_path, "rb") as f:
+        data = f.read()
+    with open(index_path, "wb") as f:
+        f.write(data[:len(data) // 2] if content is None else content)
+    with pytest.raises(tc.TeacherCacheError, match=re.escape(f"{index_path}: {problem}")):
+        tc.TeacherCache(path)
+
+
+def test_index_that_is_a_folder(tmp_path):
+    os.mkdir(tmp_path / tc.INDEX_FILE)
+    with pytest.raises(tc.TeacherCacheError, match="cannot be read"):
+        tc.TeacherCache(str(tmp_path))
+
+
+def test_valid_index_still_opens_with_the_same_data(cache_dir):
+    """Key order and unknown extra keys are not errors; the data read is unchanged."""
+    path, _ = cache_dir
+    before = tc.TeacherCache(path)
+    data = [before.example(i) for i in range(len(before))]
+    index_path = os.path.join(path, tc.INDEX_FILE)
+    with open(index_path) as f:
+        index = json.load(f)
+    index = {key: index[key] for key in reversed(list(index))}
+    index["note"] = "written by a newer tool"
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    for verify in (True, False):
+        after = tc.TeacherCache(path, verify=verify)
+        assert after.index == index and len(after) == len(data)
+        for i, (ids, logprobs) in enumerate(data):
+            got_ids, got_logprobs = after.example(i)
+            assert torch.equal(got_ids, ids) and torch.equal(got_logprobs, logprobs)
+
+
+# -- shard validation: a shard whose tensors disagree with the index, read after a valid open ----------
+
+def _tensors_of(path, name):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, name))
+
+
+def _drop_tensor(key):
+    return lambda t, meta: ({k: v for k, v in t.items() if k != key}, meta)
+
+
+def _off_by_one_lengths(t, meta):
+    lengths = t["seq_lengths"].clone()
+    lengths[0] += 1
+    lengths[-1] -= 1
+    return {**t, "seq_lengths": lengths}, meta
+
+
+SHARD_MUTATIONS = [
+    ("topk-missing", _drop_tensor("topk"), "tensor 'topk' is missing"),
+    ("lengths-missing", _drop_tensor("seq_lengths"), "tensor 'seq_lengths' is missing"),
+    ("topk-int64", lambda t, meta: ({**t, "topk": t["topk"].long()}, meta), "tensor 'topk' must be torch.int32"),
+    ("topk-wrong-k", lambda t, meta: ({**t, "topk": t["topk"][:, :K - 1].contiguous()}, {**meta, "k": str(K - 1)}),
+     f", {K}] (from the index), got torch.int32"),
+    ("topk-fewer-tokens", lambda t, meta: ({**t, "topk": t["topk"][1:].contiguous()}, meta), "tensor 'topk' must be"),
+    ("topk-flat", lambda t, meta: ({**t, "topk": t["topk"].reshape(-1)}, meta), "tensor 'topk' must be"),
+    ("lengths-int32", lambda t, meta: ({**t, "seq_lengths": t["seq_lengths"].int()}, meta),
+     "tensor 'seq_lengths' must be torch.int64"),
+    ("lengths-extra", lambda t, meta: ({**t, "seq_lengths": torch.cat([t["seq_lengths"], t["seq_lengths"][:1]])},
+                                       meta), "tensor 'seq_lengths' must be torch.int64"),
+    ("lengths-values", _off_by_one_lengths, "tensor 'seq_lengths' differs from the index's seq_lengths["),
+    ("metadata-k", lambda t, meta: (t, {**meta, "k": str(K + 1)}), f"metadata 'k' is '{K + 1}', the index says '{K}'"),
+    ("metadata-first", lambda t, meta: (t, {**meta, "first_example": "0"}), "metadata 'first_example' is '0'"),
+    ("metadata-missing", lambda t, meta: (t, None), "metadata 'format' is None"),
+]
+
+
+@pytest.mark.parametrize("mutate, problem", [pytest.param(m, p, id=name) for name, m, p in SHARD_MUTATIONS])
+def test_shard_tensors_that_disagree_with_the_index(cache_dir, mutate, problem):
+    from safetensors.torch import save
+
     path, _ = cache_dir
     name = _shard(path)
     first = _example_in(path, name)
-    from safetensors.torch import load_file
-    tensors = load_file(os.path.join(path, name))
-    _rewrite_shard(path, name, {"topk": tensors["topk"][:, :K - 1].contiguous(), "seq_lengths": tensors["seq_lengths"]},
-                   {"format": tc.FORMAT, "k": str(K - 1), "first_example": str(first)})
-    with pytest.raises(tc.TeacherCacheError, match=f"{name} has K={K - 1}, the index says K={K}"):
-        tc.TeacherCache(path).example(first)
-    lengths = tensors["seq_lengths"].clone()
-    lengths[0] += 1
-    lengths[-1] -= 1
-    _rewrite_shard(path, name, {"topk": tensors["topk"], "seq_lengths": lengths},
-                   {"format": tc.FORMAT, "k": str(K), "first_example": str(first)})
-    with pytest.raises(tc.TeacherCacheError, match=f"{name}: sequence lengths"):
-        tc.TeacherCache(path).example(first)
+    tensors, metadata = mutate(_tensors_of(path, name), {"format": tc.FORMAT, "k": str(K),
+                                                          "first_example": str(first)})
+    _replace_shard(path, name, save(tensors, metadata=metadata))
+    cache = tc.TeacherCache(path)  # the index is fine: the shard is only checked when read
+    with pytest.raises(tc.TeacherCacheError) as err:
+        cache.example(first)
+    assert str(err.value).startswith(f"{os.path.join(path, name)}: ") and problem in str(err.value)
+    cache.example(0)  # other shards still read
+
+
+@pytest.mark.parametrize("make_bytes", [
+    pytest.param(lambda t: b"not a safetensors file", id="garbage"),
+    pytest.param(lambda t: b"\xff" * 8 + b"{}", id="huge-header-length"),
+    pytest.param(lambda t: _torch_save_bytes(t), id="torch-save-pickle"),
+])
+def test_unreadable_shard_is_refused_never_unpickled(cache_dir, make_bytes):
+    path, _ = cache_dir
+    name = _shard(path)
+    _replace_shard(path, name, make_bytes(_tensors_of(path, name)))
+    with pytest.raises(tc.TeacherCacheError, match=re.escape(f"{os.path.join(path, name)}: not a readable "
+                                                             "safetensors file")):
+        tc.TeacherCache(path).example(_example_in(path, name))
+
+
+def _torch_save_bytes(tensors):
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getvalue()
 
 
 def test_half_written_cache_is_refused(tmp_path):
