@@ -187,21 +187,33 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
 
 
-def unknown_key_error(key: str, known, section: Optional[str] = None) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+def unknown_key_error(key: str, known, section: Optional[str] = None, *, owner: Optional[str] = None,
+                      aliases: Optional[Mapping[str, str]] = None) -> ConfigError:
+    """An unknown `key`: names the known key it most likely means (from `aliases`, else the closest
+    spelling), else lists the known keys (or, when there are many, names their `owner`)."""
+    guess = (aliases or {}).get(key)
+    close = [guess] if guess in known else difflib.get_close_matches(key, list(known), n=1)
+    if close:
+        hint = f"; did you mean {close[0]!r}?"
+    elif len(known) > 20 and owner:
+        hint = f": not an option of {owner}"
+    else:
+        hint = f"; known: {', '.join(sorted(known))}"
     return ConfigError(f"unknown key{hint}", key=f"{section}.{key}" if section else key)
 
 
-def coerce_fields(cls, values: Mapping[str, Any], section: Optional[str] = None) -> dict[str, Any]:
+def coerce_fields(cls, values: Mapping[str, Any], section: Optional[str] = None, *,
+                  aliases: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
     """`values` (a mapping of field name -> value) checked against the init fields of the dataclass
-    `cls`: unknown keys and ill-typed values raise ConfigError with the key (prefixed by `section`)."""
+    `cls`: unknown keys (with `aliases`: common other names of fields, for the hint) and ill-typed
+    values raise ConfigError with the key (prefixed by `section`)."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"must be a mapping; got {_describe(values)}", key=section)
     types_of = _field_types(cls)
     out = {}
     for key, value in values.items():
         if key not in types_of:
-            raise unknown_key_error(str(key), types_of, section)
+            raise unknown_key_error(str(key), types_of, section, owner=f"{cls.__module__.split('.')[0]}."
+                                    f"{cls.__name__}", aliases=aliases)
         out[key] = coerce_value(value, types_of[key], f"{section}.{key}" if section else key)
     return out

@@ -29,6 +29,13 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 DATA_FORMATS = ("native", "openai", "anthropic", "react", "tokenized")
 # TrainingArguments options whose "off" value is the string "no" (an unquoted YAML `no` arrives as False).
 OFF_AS_NO = ("eval_strategy", "save_strategy", "logging_strategy")
+# Other names of TrainingArguments options (other trainers' configs, habit), for "did you mean".
+TRAINING_ALIASES = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+                    "train_batch_size": "per_device_train_batch_size", "eval_batch_size": "per_device_eval_batch_size",
+                    "epochs": "num_train_epochs", "num_epochs": "num_train_epochs", "steps": "max_steps",
+                    "grad_accum": "gradient_accumulation_steps", "gradient_accumulation": "gradient_accumulation_steps",
+                    "warmup": "warmup_steps", "scheduler": "lr_scheduler_type", "lr_scheduler": "lr_scheduler_type",
+                    "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm"}
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
@@ -135,7 +142,7 @@ def check_training_options(training: dict) -> dict:
     for key in OFF_AS_NO:
         if training.get(key) is False:
             training[key] = "no"
-    return coerce_fields(TrainingArguments, training, "training")
+    return coerce_fields(TrainingArguments, training, "training", aliases=TRAINING_ALIASES)
 
 
 def load_config(path: os.PathLike, overrides: Optional[list[str]] = None) -> dict[str, Any]:
