@@ -11,12 +11,13 @@ from .core.fused_linear import fused_linear_distill_loss
 from .core.modules import DistillationLoss, SpanDistillationLoss
 from .core.spans import PAD_SPAN, Span
 from .sparse.teacher_cache import TeacherCache, TeacherCacheError, TopKBatch, write_teacher_cache
+from .sparse.fused_linear_topk import fused_linear_distill_loss_topk
 from .sparse.topk import distill_loss_topk
 from .core.vocab import truncate_to_shared_vocab
 
 __version__ = "0.4.0"
 
 __all__ = ["distill_loss", "loss_terms", "shift_labels", "LossTerms", "DistillationLoss", "SpanDistillationLoss",
-           "fused_linear_distill_loss", "distill_loss_topk", "truncate_to_shared_vocab",
+           "fused_linear_distill_loss", "distill_loss_topk", "fused_linear_distill_loss_topk", "truncate_to_shared_vocab",
            "write_teacher_cache", "TeacherCache", "TopKBatch", "TeacherCacheError",
            "Span", "PAD_SPAN", "reference", "__version__"]

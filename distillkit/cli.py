@@ -1,5 +1,8 @@
-"""The ``distillkit`` command: compare, bench, env, kernels.
+"""The ``distillkit`` command: train, cache-teacher, demo, compare, bench, env, kernels.
 
+    distillkit train --config run.yaml [--resume] [--set KEY=VALUE]   distill a teacher into a student (YAML)
+    distillkit cache-teacher --config run.yaml --out DIR --k K        run the teacher once: a top-k/sampled cache
+    distillkit demo [--smoke|--full] [--out DIR]                      agent distillation on a synthetic environment
     distillkit compare [--device cpu|cuda] [--json PATH] [--quick]   every backend vs the float64 reference
     distillkit bench [--run] [--plot out.png] [--results DIR]         benchmark results: table and figure
     distillkit env                                                    what was built, which backends run here
@@ -15,13 +18,15 @@ import importlib
 import sys
 
 COMMANDS = {
+    "train": ("distillkit.training.cli", "distill a teacher into a student from a YAML config"),
+    "cache-teacher": ("distillkit.training.cache_cli",
+                      "run the teacher once over the training data: a top-k or sampled teacher cache"),
+    "demo": ("distillkit.demo.cli", "end-to-end agent distillation on a synthetic tool-use environment"),
     "compare": ("distillkit.tools.compare",
                 "every available backend against the float64 reference (exit 1 on failure)"),
     "bench": ("distillkit.tools.bench.report", "run or read the benchmark suite; print a table, draw a comparison"),
     "env": ("distillkit.tools.envinfo", "what was built and which backends run here"),
     "kernels": ("distillkit.tools.kernel_report", "register and spill report of the compiled kernels"),
-    "train": ("distillkit.training.cli", "distill a teacher into a student from a YAML config"),
-    "demo": ("distillkit.demo.cli", "end-to-end agent distillation on a synthetic tool-use environment"),
 }
 
 

@@ -20,12 +20,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def available_backends(device: str = "cpu") -> list[str]:
-    """The backends (registry order) that run the dense op on `device` here."""
+def available_backends(device: str = "cpu", op: str = "rows") -> list[str]:
+    """The backends (registry order) that run `op` ("rows": the dense op, "topk") on `device` here."""
     names = []
     for name in backends.REGISTRY:
         try:
-            backends.resolve(name, torch.device(device), torch.float32)
+            backends.resolve(name, torch.device(device), torch.float32, op=op)
         except ValueError:
             continue
         names.append(name)

@@ -77,10 +77,22 @@ def _rows_and_grad(s: Tensor, t: Optional[Tensor], y: Optional[Tensor], g_div: T
     return d, e, grad
 
 
-def _chunk_loop(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, g_div, g_ce, div_id, param_a, param_b,
-                temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32,
-                need_hidden, need_weight, need_bias):
-    """Per-row (D, ce) and the gradients of sum_r g_div[r] D[r] + g_ce[r] ce[r] w.r.t. hidden/weight/bias."""
+def dense_row_terms(t_hidden, t_weight, t_bias, labels, div_id, param_a, param_b, temperature, ignore_index,
+                    with_ce, backend):
+    """The row terms of chunk_loop against a dense teacher: its chunk logits from its hidden states and head."""
+    def row_terms(rows: slice, s: Tensor, g_div: Tensor, g_ce: Tensor, need_grad: bool):
+        t = F.linear(t_hidden[rows], t_weight, t_bias) if div_id != NO_DIVERGENCE else None
+        y = labels[rows] if with_ce else None
+        return _rows_and_grad(s, t, y, g_div, g_ce, div_id, param_a, param_b, temperature, ignore_index, with_ce,
+                              backend, need_grad)
+    return row_terms
+
+
+def chunk_loop(hidden, weight, bias, row_terms, g_div, g_ce, chunk_size, grad_weight_fp32,
+               need_hidden, need_weight, need_bias):
+    """Per-row (D, ce) and the gradients of sum_r g_div[r] D[r] + g_ce[r] ce[r] w.r.t. hidden/weight/bias.
+    row_terms(rows, chunk logits, g_div[rows], g_ce[rows], need_grad) -> (D, ce, d/d logits) is the row op
+    against the teacher (dense_row_terms here; the top-k teacher in distillkit/sparse/fused_linear_topk.py)."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -103,12 +115,9 @@ def _chunk_loop(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, g_div,
             x = hidden[rows]
             s = F.linear(x, weight, bias)
             s = s.float() if upcast else s
-            t = F.linear(t_hidden[rows], t_weight, t_bias) if div_id != NO_DIVERGENCE else None
-            y = labels[rows] if with_ce else None
-            d, e, g = _rows_and_grad(s, t, y, g_div[rows], g_ce[rows], div_id, param_a, param_b, temperature,
-                                     ignore_index, with_ce, backend, need_grad)
+            d, e, g = row_terms(rows, s, g_div[rows], g_ce[rows], need_grad)
             div[rows], ce[rows] = d, e
-            del s, t
+            del s
             if need_hidden:
                 grad_h[rows] = _mm_fp32(g, weight_for_grad)
             if need_weight:
@@ -141,15 +150,20 @@ def fused_linear_distill(
     grad_weight_fp32), computed only when reduce and requested, else empty.
     """
     grads = reduce and (need_hidden or need_weight or need_bias)
-    div, ce, gh, gw, gb = _chunk_loop(
-        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
-        temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32,
-        grads and need_hidden, grads and need_weight, grads and need_bias)
+    row_terms = dense_row_terms(t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b, temperature,
+                                ignore_index, with_ce, backend)
+    div, ce, gh, gw, gb = chunk_loop(hidden, weight, bias, row_terms, coef_div, coef_ce, chunk_size, grad_weight_fp32,
+                                     grads and need_hidden, grads and need_weight, grads and need_bias)
+    return combine_rows(coef_div, div, coef_ce, ce, reduce), div, ce, gh, gw, gb
+
+
+def combine_rows(coef_div: Tensor, div: Tensor, coef_ce: Tensor, ce: Tensor, reduce: bool) -> Tensor:
+    """sum_r coef_div D + coef_ce ce (or per row); a zero coefficient keeps its row at 0 even if D is inf."""
     rows = torch.where(coef_div != 0, coef_div * div, 0.0) + torch.where(coef_ce != 0, coef_ce * ce, 0.0)
-    return rows.sum() if reduce else rows, div, ce, gh, gw, gb
+    return rows.sum() if reduce else rows
 
 
-def _grad_shapes(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias):
+def grad_shapes(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias):
     n, h = hidden.shape
     v = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -159,15 +173,20 @@ def _grad_shapes(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_wei
             hidden.new_empty((v,) if reduce and need_bias else (0,), **f32))
 
 
-@fused_linear_distill.register_fake
-def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
-      temperature, ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, need_hidden,
-      need_weight, need_bias):
+def fake_outputs(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias):
+    """The shapes of a fused-linear op's (loss, D, ce, grad_hidden, grad_weight, grad_bias)."""
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     loss = hidden.new_empty((), **f32) if reduce else hidden.new_empty((n,), **f32)
     return (loss, hidden.new_empty((n,), **f32), hidden.new_empty((n,), **f32),
-            *_grad_shapes(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias))
+            *grad_shapes(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias))
+
+
+@fused_linear_distill.register_fake
+def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
+      temperature, ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, need_hidden,
+      need_weight, need_bias):
+    return fake_outputs(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias)
 
 
 @torch.library.custom_op("distillkit::fused_linear_distill_backward", mutates_args=())
@@ -178,10 +197,10 @@ def fused_linear_distill_backward(
     chunk_size: int, grad_weight_fp32: bool, need_hidden: bool, need_weight: bool, need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_r grad_div[r] D[r] + grad_ce[r] ce[r] (recomputes the chunks' logits)."""
-    _, _, gh, gw, gb = _chunk_loop(
-        hidden, weight, bias, t_hidden, t_weight, t_bias, labels, grad_div, grad_ce, divergence, param_a, param_b,
-        temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32, need_hidden, need_weight,
-        need_bias)
+    row_terms = dense_row_terms(t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b, temperature,
+                                ignore_index, with_ce, backend)
+    _, _, gh, gw, gb = chunk_loop(hidden, weight, bias, row_terms, grad_div, grad_ce, chunk_size, grad_weight_fp32,
+                                  need_hidden, need_weight, need_bias)
     return gh, gw, gb
 
 
@@ -189,7 +208,7 @@ def fused_linear_distill_backward(
 def _(grad_div, grad_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b,
       temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32, need_hidden, need_weight,
       need_bias):
-    return _grad_shapes(hidden, weight, True, grad_weight_fp32, need_hidden, need_weight, need_bias)
+    return grad_shapes(hidden, weight, True, grad_weight_fp32, need_hidden, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -239,7 +258,7 @@ fused_linear_distill.register_autograd(_backward, setup_context=_setup_context)
 
 # -- public function --------------------------------------------------------------------------------
 
-def _check_linear(name_h: str, hidden, name_w: str, weight, name_b: str, bias) -> None:
+def check_linear(name_h: str, hidden, name_w: str, weight, name_b: str, bias) -> None:
     _checks.check_logits(name_h, hidden)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"{name_w} must be a 2-D tensor [V, H]")
@@ -255,12 +274,29 @@ def _check_linear(name_h: str, hidden, name_w: str, weight, name_b: str, bias) -
                          f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
 
 
-def _row_coefficient(weight: Weight, lead_shape, scale: float, device) -> Tensor:
+def row_coefficient(weight: Weight, lead_shape, scale: float, device) -> Tensor:
     if isinstance(weight, torch.Tensor):
         w = weight.to(torch.float32)
         # where(): a token of weight 0 stays at exactly 0 (and gives its weight no gradient) even if its D is inf.
         return torch.where(w != 0, w * scale, 0.0).expand(lead_shape)
     return torch.full(lead_shape, float(weight) * scale, dtype=torch.float32, device=device)
+
+
+def loss_coefficients(kl_weight: Weight, ce_weight: Weight, valid: Optional[Tensor], lead, device, *,
+                      temperature: float, temperature_scaling: bool, reduction: str, normalizer):
+    """(coef_div, coef_ce) [lead] fp32: the loss is sum_r coef_div[r] D[r] + coef_ce[r] ce[r] (see the module
+    docstring); differentiable in tensor weights and a tensor normalizer."""
+    scale = temperature**2 if temperature_scaling else 1.0
+    coef_div = row_coefficient(kl_weight, lead, scale, device)
+    coef_ce = row_coefficient(ce_weight, lead, 1.0, device)
+    if reduction == "mean":
+        if normalizer is None:
+            like = torch.zeros(lead, dtype=torch.float32, device=device)
+            denom = count_active_tokens(like, valid, kl_weight, ce_weight).clamp_min(1)
+        else:
+            denom = normalizer
+        coef_div, coef_ce = coef_div / denom, coef_ce / denom
+    return coef_div, coef_ce
 
 
 def fused_linear_distill_loss(
@@ -297,7 +333,7 @@ def fused_linear_distill_loss(
     options = _checks.check_options(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
                                     temperature=temperature, reduction=reduction, backend=backend)
     check_policy(vocab_mismatch)
-    _check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     lead, hidden_size = student_hidden.shape[:-1], student_hidden.shape[-1]
     vocab, device = student_weight.shape[0], student_hidden.device
     _checks.check_weight("kl_weight", kl_weight, lead, device)
@@ -312,7 +348,7 @@ def fused_linear_distill_loss(
     if with_div:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden/teacher_weight is None: pass the teacher, or kl_weight=0.0 for CE only")
-        _check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
+        check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias",
                       teacher_bias)
         if teacher_hidden.shape[:-1] != lead or teacher_hidden.device != device:
             raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} on "
@@ -335,16 +371,9 @@ def fused_linear_distill_loss(
     valid = valid_labels(labels, vocab, ignore_index) if labels is not None else None
     kl_weight = mask_ignored_tokens(kl_weight, valid, divergence_on_ignored) if with_div else kl_weight
     n = lead.numel()
-    scale = temperature**2 if temperature_scaling else 1.0
-    coef_div = _row_coefficient(kl_weight if with_div else 0.0, lead, scale, device)
-    coef_ce = _row_coefficient(ce_weight if with_ce else 0.0, lead, 1.0, device)
-    if reduction == "mean":
-        if normalizer is None:
-            like = torch.zeros(lead, dtype=torch.float32, device=device)
-            denom = count_active_tokens(like, valid, kl_weight, ce_weight).clamp_min(1)
-        else:
-            denom = normalizer
-        coef_div, coef_ce = coef_div / denom, coef_ce / denom
+    coef_div, coef_ce = loss_coefficients(kl_weight if with_div else 0.0, ce_weight if with_ce else 0.0, valid, lead,
+                                          device, temperature=temperature, temperature_scaling=temperature_scaling,
+                                          reduction=reduction, normalizer=normalizer)
     if chunk_size is None:
         t_elem = teacher_hidden.element_size() if with_div else 0
         t_vocab = teacher_weight.shape[0] if with_div else 0

@@ -10,6 +10,8 @@ from ..core.spans import PAD_SPAN
 from .tokenize import IGNORE_INDEX
 
 _REQUIRED = ("input_ids", "labels")
+# An example's index in a teacher cache (distillkit.training.cached_teacher adds it): passed through as [B].
+CACHE_INDEX = "cache_index"
 
 
 class DistillationCollator:
@@ -71,6 +73,8 @@ class DistillationCollator:
         }
         if with_spans:
             out["span_ids"] = torch.full((batch, width), PAD_SPAN, dtype=torch.long)
+        if CACHE_INDEX in features[0]:
+            out[CACHE_INDEX] = torch.tensor([int(feature[CACHE_INDEX]) for feature in features], dtype=torch.long)
         for row, (feature, length) in enumerate(zip(features, lengths)):
             for key in required:
                 out[key][row, :length] = torch.as_tensor(feature[key], dtype=torch.long)

@@ -15,13 +15,16 @@ from typing import Optional
 
 import torch
 
-__all__ = ["FORMAT", "VERSION", "INDEX_FILE", "LOGPROB_DTYPES", "MAX_VOCAB", "TeacherCacheError", "packing_bits",
-           "pack", "unpack", "load_index", "show_value"]
+__all__ = ["FORMAT", "VERSION", "VERSIONS", "MODES", "INDEX_FILE", "LOGPROB_DTYPES", "MAX_VOCAB", "MAX_SEED",
+           "TeacherCacheError", "packing_bits", "pack", "unpack", "index_version", "load_index", "show_value"]
 
 FORMAT = "distillkit-teacher-cache"
-VERSION = 1
+VERSION = 2  # the newest format version; VERSIONS: those this reader knows
+VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
 LOGPROB_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+MODES = ("topk", "sample")  # the teacher's top-k / k draws from it (the empirical distribution)
+MAX_SEED = 2**63 - 1
 
 
 class TeacherCacheError(ValueError):
@@ -58,6 +61,13 @@ def unpack(words: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> tuple[to
     ids = (w >> lp_bits).to(torch.int32)
     bits = ((w & ((1 << lp_bits) - 1)) << (15 - lp_bits)).to(torch.int16)
     return ids, -bits.view(dtype)
+
+
+def index_version(mode: str) -> int:
+    """The version a writer records: the oldest one that describes the cache. Version 1 readers know neither
+    "mode" nor absent entries (-inf entries, read as id -1), so only a top-k cache stays version 1 and any
+    older reader still reads it; a sampled cache (version 2) is refused by them instead of misread."""
+    return 1 if mode == "topk" else 2
 
 
 # -- the index ---------------------------------------------------------------------------------------
@@ -106,30 +116,58 @@ class _IndexChecker:
         return value
 
 
-def _validate_index(index, index_path: str, folder: str) -> None:
-    """Check everything `write_teacher_cache` writes, so that a bad index fails here, not mid-training."""
-    if not isinstance(index, dict):
-        raise TeacherCacheError(f"{index_path}: the index must be a JSON object, got {type(index).__name__}")
-    check = _IndexChecker(index_path)
+def _validate_header(index: dict, check: _IndexChecker, allow_incomplete: bool) -> Optional[int]:
+    """The fields before the per-example lists; returns vocab_size (None: nothing written yet)."""
     if (fmt := check.get(index, "format", "format")) != FORMAT:
         raise check.fail("format", f"must be {FORMAT!r}, got {show_value(fmt)}")
-    if not _is_int(version := check.get(index, "version", "version")) or version != VERSION:
-        raise check.fail("version", f"must be {VERSION} (the format version this reader knows), got {show_value(version)}")
-    if index.get("complete") is not True:
+    if not _is_int(version := check.get(index, "version", "version")) or version not in VERSIONS:
+        raise check.fail("version", f"must be one of {list(VERSIONS)} (the format versions this reader knows), got "
+                                    f"{show_value(version)}")
+    complete = index.get("complete")
+    if complete is not True and not (allow_incomplete and complete is False):
         raise check.fail("complete", f"the cache is incomplete (written halfway: \"complete\" is not true, got "
-                                     f"{show_value(index.get('complete'))}); write it again")
-    vocab = check.int(check.get(index, "vocab_size", "vocab_size"), "vocab_size", 1, MAX_VOCAB)
-    check.int(check.get(index, "k", "k"), "k", 1, vocab, " (vocab_size)")
+                                     f"{show_value(complete)}); write it again, or continue it with --resume")
+    vocab = check.get(index, "vocab_size", "vocab_size")
+    # null until the writer learns the vocabulary from the teacher's first batch (before any shard)
+    if not (vocab is None and allow_incomplete and index.get("shards") == []):
+        vocab = check.int(vocab, "vocab_size", 1, MAX_VOCAB)
+    if vocab is None:
+        check.int(check.get(index, "k", "k"), "k", 1)
+    else:
+        check.int(check.get(index, "k", "k"), "k", 1, vocab, " (vocab_size)")
+    mode = index.get("mode", "topk")  # written before modes existed: a top-k cache
+    if not isinstance(mode, str) or mode not in MODES:
+        raise check.fail("mode", f"must be one of {list(MODES)}, got {show_value(mode)}")
+    if version < index_version(mode):
+        raise check.fail("version", f"must be >= {index_version(mode)} for mode {mode!r}, got {version}")
+    seed = index.get("seed")
+    if mode == "sample" or seed is not None:  # a top-k cache does not depend on a seed: null
+        check.int(check.get(index, "seed", "seed"), "seed", 0, MAX_SEED)
     dtype = check.get(index, "logprob_dtype", "logprob_dtype")
     if not isinstance(dtype, str) or dtype not in LOGPROB_DTYPES:
         raise check.fail("logprob_dtype", f"must be one of {sorted(LOGPROB_DTYPES)}, got {show_value(dtype)}")
-    for key, want in zip(("id_bits", "logprob_bits"), packing_bits(vocab)):
-        if not _is_int(got := check.get(index, key, key)) or got != want:
-            raise check.fail(key, f"must be {want} for vocab_size {vocab}, got {show_value(got)}")
+    for key, want in zip(("id_bits", "logprob_bits"), packing_bits(vocab) if vocab else (None, None)):
+        if (not _is_int(got := check.get(index, key, key)) and want is not None) or got != want:
+            raise check.fail(key, f"must be {show_value(want)} for vocab_size {vocab}, got {show_value(got)}")
     temperature = check.get(index, "temperature", "temperature")
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
             and math.isfinite(temperature) and temperature > 0):
         raise check.fail("temperature", f"must be a finite number > 0, got {show_value(temperature)}")
+    if "world_size" in index:  # an unfinished write split across processes (cache_ranks.py)
+        check.int(index["world_size"], "world_size", 1)
+    return vocab
+
+
+def _validate_index(index, index_path: str, folder: str, *, allow_incomplete: bool = False,
+                    part: bool = False) -> None:
+    """Check everything `write_teacher_cache` writes, so that a bad index fails here, not mid-training.
+    allow_incomplete: an unfinished write ("complete": false), for resuming it. part: one process's part of
+    a write split across processes, whose examples start at its "first_example"."""
+    if not isinstance(index, dict):
+        raise TeacherCacheError(f"{index_path}: the index must be a JSON object, got {type(index).__name__}")
+    check = _IndexChecker(index_path)
+    _validate_header(index, check, allow_incomplete)
+    base = check.int(check.get(index, "first_example", "first_example"), "first_example") if part else 0
     lengths = check.list(check.get(index, "seq_lengths", "seq_lengths"), "seq_lengths")
     for i, n in enumerate(lengths):
         check.int(n, f"seq_lengths[{i}]")
@@ -159,25 +197,28 @@ def _validate_index(index, index_path: str, folder: str) -> None:
         if not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
             raise check.fail(f"{field}.sha256", f"must be 64 lowercase hex digits, got {show_value(sha)}")
         first = check.int(check.get(shard, "first_example", f"{field}.first_example"), f"{field}.first_example")
-        if first != covered:
-            raise check.fail(f"{field}.first_example", f"must be {covered} (the examples of the shards before it), "
-                                                       f"got {first}")
+        if first != base + covered:
+            raise check.fail(f"{field}.first_example", f"must be {base + covered} (the examples of the shards before "
+                                                       f"it), got {first}")
         count = check.int(check.get(shard, "num_examples", f"{field}.num_examples"), f"{field}.num_examples",
-                          0, len(lengths) - first, " (the examples left in seq_lengths)")
+                          0, len(lengths) - covered, " (the examples left in seq_lengths)")
         tokens = check.int(check.get(shard, "num_tokens", f"{field}.num_tokens"), f"{field}.num_tokens")
-        if tokens != (want := sum(lengths[first:first + count])):
-            raise check.fail(f"{field}.num_tokens", f"must be {want} (the sum of seq_lengths[{first}:"
-                                                    f"{first + count}]), got {tokens}")
+        if tokens != (want := sum(lengths[covered:covered + count])):
+            raise check.fail(f"{field}.num_tokens", f"must be {want} (the sum of seq_lengths[{covered}:"
+                                                    f"{covered + count}]), got {tokens}")
         covered += count
     if covered != len(lengths):
         raise check.fail("shards", f"the shards cover {covered} examples, seq_lengths lists {len(lengths)}")
 
 
-def load_index(path: str) -> dict:
-    """The validated index of the cache folder `path`; raises TeacherCacheError naming the file and field."""
-    index_path = os.path.join(path, INDEX_FILE)
+def load_index(path: str, *, allow_incomplete: bool = False, index_file: str = INDEX_FILE,
+               part: bool = False) -> dict:
+    """The validated index of the cache folder `path`; raises TeacherCacheError naming the file and field.
+    allow_incomplete: accept an unfinished write (to resume it); index_file and part: read one process's
+    part index of a write split across processes instead (cache_ranks.py)."""
+    index_path = os.path.join(path, index_file)
     if not os.path.exists(index_path):
-        raise TeacherCacheError(f"{path}: no {INDEX_FILE}; not a teacher cache (or its writing never started)")
+        raise TeacherCacheError(f"{path}: no {index_file}; not a teacher cache (or its writing never started)")
     try:
         with open(index_path, "rb") as f:
             index = json.loads(f.read().decode("utf-8"))
@@ -187,7 +228,7 @@ def load_index(path: str) -> dict:
         raise TeacherCacheError(f"{index_path}: is not UTF-8 text, so not a JSON index") from None
     except (ValueError, RecursionError) as err:  # json.JSONDecodeError is a ValueError
         raise TeacherCacheError(f"{index_path}: is not valid JSON (truncated or corrupt?): {err}") from None
-    _validate_index(index, index_path, path)
+    _validate_index(index, index_path, path, allow_incomplete=allow_incomplete, part=part)
     return index
 
 

@@ -16,6 +16,10 @@ recorded at (teacher_temperature, default 1.0) and r = T0 / T:
                          Both rest masses (at temperature T) are floored at REST_FLOOR = 2**-20, about fp32's
                          resolution of 1 - sum: recorded log-probabilities that sum to 1 after rounding, or a
                          student tail below that resolution, never make the divergence infinite.
+    tail="student_full": categories = the K ids; the teacher restricted to them and renormalized (its whole
+                         distribution, e.g. the empirical one of a sampled cache), the student's full-vocabulary
+                         q_k NOT renormalized (Axolotl's top-k KD). Forward KL only: it is KL(p || q) with q
+                         the full softmax; reverse KL against a p that is 0 off the ids is infinite.
 
     D = KL(p || q) ("forward_kl") or KL(q || p) ("reverse_kl") over the categories, 0 log 0 = 0.
 
@@ -30,12 +34,11 @@ from typing import Optional
 
 import torch
 
-from ..core.divergences import TOPK_NAMES as TOPK_DIVERGENCES
 from ..core.reference import (_kl_terms, cross_entropy_per_token, valid_labels, weigh_and_reduce,
                               without_ignored_tokens)
+from .tails import REST_FLOOR, TAILS, TOPK_DIVERGENCES, check_tail  # noqa: F401  (names only; the math is here)
 
-TAILS = ("renormalize", "bucket")
-REST_FLOOR = 2.0**-20
+# -- the oracle --------------------------------------------------------------------------------------
 
 
 def present_ids(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -50,10 +53,13 @@ def _log_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def teacher_categories(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, *, tail: str,
                        ratio: float, dtype: torch.dtype) -> torch.Tensor:
-    """Teacher log-probabilities over the categories: [..., K] (renormalize) or [..., K + 1] (bucket)."""
+    """Teacher log-probabilities over the categories: [..., K] (renormalize, student_full) or [..., K + 1]
+    (bucket)."""
     lp = torch.where(present_ids(ids, vocab_size), logprobs.to(dtype), -math.inf)
-    if tail == "renormalize":
+    if tail in ("renormalize", "student_full"):
         return _log_normalize(ratio * lp)
+    if tail != "bucket":
+        raise ValueError(f"unknown tail {tail!r}")
     rest = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)  # mass outside the recorded top-k at T0
     log_p = _log_normalize(torch.cat([ratio * lp, ratio * torch.log(rest)], dim=-1))
     return torch.cat([log_p[..., :-1], log_p[..., -1:].clamp_min(math.log(REST_FLOOR))], dim=-1)
@@ -69,6 +75,10 @@ def student_categories(student_logits: torch.Tensor, ids: torch.Tensor, *, tail:
     log_q_k = torch.where(present, gathered, -math.inf)
     if tail == "renormalize":
         return _log_normalize(log_q_k)
+    if tail == "student_full":
+        return log_q_k
+    if tail != "bucket":
+        raise ValueError(f"unknown tail {tail!r}")
     rest = (1.0 - torch.where(present, gathered.exp(), 0.0).sum(-1, keepdim=True)).clamp_min(REST_FLOOR)
     return torch.cat([log_q_k, torch.log(rest)], dim=-1)
 
@@ -77,6 +87,7 @@ def divergence_per_token(student_logits: torch.Tensor, ids: torch.Tensor, logpro
                          tail: str = "renormalize", divergence: str = "forward_kl", temperature: float = 1.0,
                          teacher_temperature: Optional[float] = None) -> torch.Tensor:
     """D for every token (leading shape), not scaled by T**2."""
+    check_tail(tail, divergence)
     ratio = (1.0 if teacher_temperature is None else teacher_temperature) / temperature
     log_p = teacher_categories(ids, logprobs.detach(), student_logits.shape[-1], tail=tail, ratio=ratio,
                                dtype=student_logits.dtype)
@@ -84,9 +95,7 @@ def divergence_per_token(student_logits: torch.Tensor, ids: torch.Tensor, logpro
     p, q = log_p.exp(), log_q.exp()
     if divergence == "forward_kl":
         return _kl_terms(p, log_p, log_q)
-    if divergence == "reverse_kl":
-        return _kl_terms(q, log_q, log_p)
-    raise ValueError(f"divergence must be one of {TOPK_DIVERGENCES}; got {divergence!r}")
+    return _kl_terms(q, log_q, log_p)
 
 
 def distill_loss_topk(
@@ -110,6 +119,7 @@ def distill_loss_topk(
     divergence_on_ignored: bool = False,
 ) -> torch.Tensor:
     """Same semantics as :func:`distillkit.distill_loss_topk`, in plain PyTorch autograd."""
+    check_tail(tail, divergence)
     lead = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
     with_div = isinstance(kl_weight, torch.Tensor) or kl_weight != 0

@@ -1,20 +1,29 @@
-"""An on-disk cache of a teacher's top-k log-probabilities per token, for offline (sparse) distillation.
+"""An on-disk cache of a teacher's log-probabilities (top-k or sampled) per token, for offline (sparse)
+distillation.
 
     write_teacher_cache("cache/", teacher, examples, k=64)          # once, with the teacher
     cache = TeacherCache("cache/")                                  # then, in training
     batch = cache.batch(example_indices, length=input_ids.shape[1])
     loss = distill_loss_topk(student_logits, batch.ids, batch.logprobs, labels, tail="bucket")
 
+(or, from a training YAML: `distillkit cache-teacher --config run.yaml --out cache/ --k 64`.)
+
 Layout of the folder: safetensors shards plus ``index.json`` (parsed with `json`; nothing is pickled):
 
-    index.json    {"format", "version", "k", "vocab_size", "logprob_dtype", "id_bits", "logprob_bits",
-                   "temperature", "num_examples", "num_tokens", "seq_lengths": [...],
+    index.json    {"format", "version", "k", "vocab_size", "mode", "seed", "logprob_dtype", "id_bits",
+                   "logprob_bits", "temperature", "num_examples", "num_tokens", "seq_lengths": [...],
                    "shards": [{"file", "sha256", "num_examples", "num_tokens", "first_example"}, ...],
                    "complete": true}
     shard-00000.safetensors   "topk" int32 [tokens, K] (packed, below), "seq_lengths" int64 [examples]
 
 Whole examples, in dataset order, are concatenated in the shards; position i of an example holds the
 teacher's distribution at input position i (its next-token prediction there), aligned like the logits.
+A cache written by several processes names its shards shard-rankRRRRR-NNNNN (cache_ranks.py).
+
+mode "topk" (version 1; an index without "mode" is one): the teacher's K most likely ids. mode "sample"
+(version 2; "seed" is recorded): K draws from the teacher, stored as the distinct ids with log(count / K)
+(cache_sampling.py); fewer than K distinct ids leave absent entries, stored with log-probability -inf.
+The reader returns id -1 for every -inf entry (it carries no mass; `distill_loss_topk` skips ids < 0).
 
 Packing: 4 bytes per (token, k) entry, so 4 K bytes per token (+ the seq_lengths and a safetensors
 header per shard). Each int32 word holds the id in its high ``id_bits`` bits and, in its low
@@ -22,11 +31,12 @@ header per shard). Each int32 word holds the id in its high ``id_bits`` bits and
 is implied and 15 bits keep the value exactly: lossless up to 2**17 = 131072 ids. Larger vocabularies
 round away 15 - logprob_bits low mantissa bits (one bit up to 2**18 ids).
 
-The index is rewritten after every shard with "complete": false, and with "complete": true (its last
-key) only once every shard is on disk; files are written to a temporary name and renamed. A reader
-checks index.json field by field on open (types, ranges, dtypes, plain shard file names that exist,
-counts that add up; `TeacherCacheError` naming the file and field), refuses an incomplete cache, and
-checks each shard when it first reads it (sha256, tensors, metadata; naming the shard file and tensor).
+Writing (cache_writer.py) rewrites the index after every shard with "complete": false, and with
+"complete": true (its last key) only once every shard is on disk; an interrupted write can be resumed.
+A reader checks index.json field by field on open (types, ranges, dtypes, plain shard file names that
+exist, counts that add up; `TeacherCacheError` naming the file and field), refuses an incomplete cache,
+and checks each shard when it first reads it (sha256, tensors, metadata; with verify, also no NaN, no id
+outside the vocabulary and no id twice at a position; naming the shard file and tensor).
 """
 
 from __future__ import annotations
@@ -37,160 +47,41 @@ import math
 import os
 import random
 from collections import OrderedDict
-from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from .cache_format import (FORMAT, INDEX_FILE, LOGPROB_DTYPES, VERSION, TeacherCacheError,  # noqa: F401
                            load_index, pack, packing_bits, show_value, unpack)
+from .cache_writer import write_teacher_cache  # noqa: F401  (the writer's home before it had its own module)
 
 
 class TopKBatch(NamedTuple):
-    ids: torch.Tensor  # [B, L, K] int32; -1 at padding (distill_loss_topk: no teacher signal there)
-    logprobs: torch.Tensor  # [B, L, K] fp16/bf16; -inf at padding
+    ids: torch.Tensor  # [B, L, K] int32; -1 at padding and absent entries (distill_loss_topk: no signal there)
+    logprobs: torch.Tensor  # [B, L, K] fp16/bf16; -inf at padding and absent entries
     mask: torch.Tensor  # [B, L] bool, True at the cached (real) positions
 
 
-# -- writing ---------------------------------------------------------------------------------------
-
-def _as_ids(example) -> list[int]:
-    if isinstance(example, dict):
-        example = example["input_ids"]
-    if isinstance(example, torch.Tensor):
-        return [int(x) for x in example.reshape(-1).tolist()]
-    return [int(x) for x in example]
+def read_entries(words: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids int32, logprobs) of packed words, with id -1 at the -inf (absent) entries: their stored id is
+    a filler, which must never reach the loss (a repeated id would count twice in the student's mass)."""
+    ids, logprobs = unpack(words, vocab_size, dtype)
+    return torch.where(logprobs == -math.inf, -1, ids), logprobs
 
 
-def _teacher_logits(teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L, V] logits from a callable batch -> logits, or from a Hugging Face causal LM."""
-    if isinstance(teacher, torch.nn.Module) and hasattr(teacher, "config"):
-        out = teacher(input_ids=input_ids, attention_mask=attention_mask)
-    else:
-        out = teacher({"input_ids": input_ids, "attention_mask": attention_mask})
-    logits = getattr(out, "logits", out)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
-        raise TeacherCacheError(f"the teacher must return logits [B, L, V] for input_ids {tuple(input_ids.shape)}; "
-                                f"got {getattr(logits, 'shape', type(logits).__name__)}")
-    return logits
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_index(folder: str, index: dict) -> None:
-    _atomic_write(os.path.join(folder, INDEX_FILE), json.dumps(index, indent=1).encode())
-
-
-def write_teacher_cache(
-    path: str,
-    teacher: Union[Callable, torch.nn.Module],
-    examples: Iterable,
-    *,
-    k: int,
-    dtype: str = "float16",
-    temperature: float = 1.0,
-    batch_size: int = 8,
-    tokens_per_shard: int = 2**20,
-    pad_token_id: int = 0,
-    device: Optional[Union[str, torch.device]] = None,
-    overwrite: bool = False,
-) -> dict:
-    """Run `teacher` over `examples` and store its top-k log-probabilities per token; returns the index.
-
-    teacher: a callable {"input_ids", "attention_mask"} ([B, L] int64, right-padded) -> logits [B, L, V]
-        (or an object with .logits), or a Hugging Face causal LM (called as teacher(input_ids=...,
-        attention_mask=...)). examples: sequences of token ids, 1-D tensors or dicts with "input_ids".
-    dtype: "float16" | "bfloat16" log-probabilities; temperature: log_softmax(logits / temperature) is
-        stored, and recorded in the index (pass it as distill_loss_topk's teacher_temperature).
-    """
-    if dtype not in LOGPROB_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(LOGPROB_DTYPES)}; got {dtype!r}")
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k must be an int >= 1; got {k!r}")
-    from safetensors.torch import save
-
-    os.makedirs(path, exist_ok=True)
-    index_path = os.path.join(path, INDEX_FILE)
-    if os.path.exists(index_path):
-        if not overwrite:
-            raise FileExistsError(f"{index_path} exists; pass overwrite=True to replace the cache")
-        os.remove(index_path)  # first, so that a half-written replacement is never taken for the old cache
-    torch_dtype = LOGPROB_DTYPES[dtype]
-    index = {"format": FORMAT, "version": VERSION, "k": k, "vocab_size": None, "logprob_dtype": dtype,
-             "id_bits": None, "logprob_bits": None, "temperature": float(temperature), "num_examples": 0,
-             "num_tokens": 0, "seq_lengths": [], "shards": [], "complete": False}
-    _write_index(path, index)
-    pending: list[torch.Tensor] = []  # packed [L, K] per example of the shard being filled
-    pending_lengths: list[int] = []
-
-    def flush() -> None:
-        if not pending_lengths:
-            return
-        topk = torch.cat(pending) if pending else torch.zeros(0, k, dtype=torch.int32)
-        tensors = {"topk": topk.contiguous(), "seq_lengths": torch.tensor(pending_lengths, dtype=torch.int64)}
-        first = index["num_examples"] - len(pending_lengths)
-        data = save(tensors, metadata={"format": FORMAT, "k": str(k), "first_example": str(first)})
-        name = f"shard-{len(index['shards']):05d}.safetensors"
-        _atomic_write(os.path.join(path, name), data)
-        index["shards"].append({"file": name, "sha256": hashlib.sha256(data).hexdigest(),
-                                "num_examples": len(pending_lengths), "num_tokens": int(topk.shape[0]),
-                                "first_example": first})
-        _write_index(path, index)
-        pending.clear()
-        pending_lengths.clear()
-
-    def run(batch: list[list[int]]) -> None:
-        length = max(len(x) for x in batch)
-        input_ids = torch.full((len(batch), max(length, 1)), pad_token_id, dtype=torch.int64)
-        mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(batch):
-            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
-            mask[row, :len(ids)] = 1
-        if device is not None:
-            input_ids, mask = input_ids.to(device), mask.to(device)
-        with torch.inference_mode():
-            logits = _teacher_logits(teacher, input_ids, mask)
-            vocab = logits.shape[-1]
-            if index["vocab_size"] is None:
-                if k > vocab:
-                    raise ValueError(f"k={k} is larger than the teacher's vocabulary ({vocab})")
-                index["vocab_size"] = vocab
-                index["id_bits"], index["logprob_bits"] = packing_bits(vocab)
-            elif vocab != index["vocab_size"]:
-                raise TeacherCacheError(f"the teacher returned {vocab} logits, earlier batches {index['vocab_size']}")
-            logprobs, ids = torch.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
-            packed = pack(ids, logprobs, vocab, torch_dtype).cpu()
-        for row, seq in enumerate(batch):
-            pending.append(packed[row, :len(seq)])
-            pending_lengths.append(len(seq))
-            index["seq_lengths"].append(len(seq))
-            index["num_examples"] += 1
-            index["num_tokens"] += len(seq)
-        if sum(pending_lengths) >= tokens_per_shard:
-            flush()
-
-    batch: list[list[int]] = []
-    for example in examples:
-        batch.append(_as_ids(example))
-        if len(batch) == batch_size:
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
-    flush()
-    if index["vocab_size"] is None:
-        raise ValueError("examples is empty: nothing to cache")
-    del index["complete"]
-    index["complete"] = True  # the last key, in the last write
-    _write_index(path, index)
-    return index
+def _check_entries(words: torch.Tensor, vocab_size: int, dtype: torch.dtype, file: str,
+                   rows_per_chunk: int = 1 << 16) -> None:
+    """No NaN log-probability, no id >= vocab_size and no id twice at a position (absent entries aside)."""
+    for start in range(0, words.shape[0], rows_per_chunk):
+        ids, logprobs = read_entries(words[start:start + rows_per_chunk], vocab_size, dtype)
+        problem = ("a NaN log-probability" if torch.isnan(logprobs).any() else
+                   f"an id >= vocab_size ({vocab_size})" if (ids >= vocab_size).any() else None)
+        if problem is None:
+            ordered = ids.sort(dim=-1).values
+            if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+                problem = "an id twice at one position"
+        if problem:
+            raise TeacherCacheError(f"{file}: tensor 'topk' holds {problem} (rows from {start}): corrupt or not "
+                                    "written by write_teacher_cache")
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -210,6 +101,8 @@ class TeacherCache:
         self.k: int = index["k"]
         self.vocab_size: int = index["vocab_size"]
         self.temperature: float = index["temperature"]
+        self.mode: str = index.get("mode", "topk")  # written before modes existed: top-k
+        self.seed: Optional[int] = index.get("seed")
         self.dtype: torch.dtype = LOGPROB_DTYPES[index["logprob_dtype"]]
         self.seq_lengths: list[int] = list(index["seq_lengths"])
         # example -> (shard, first token in the shard)
@@ -221,6 +114,7 @@ class TeacherCache:
                 offset += n
         self._open: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._max_open = max_open_shards
+        self._entries_checked: set[int] = set()  # shards whose entries passed _check_entries
 
     def __len__(self) -> int:
         return len(self.seq_lengths)
@@ -260,18 +154,21 @@ class TeacherCache:
             raise TeacherCacheError(f"{file}: tensor 'seq_lengths' differs from the index's "
                                     f"seq_lengths[{first}:{first + count}]")
         topk = tensors["topk"]
+        if self.verify and s not in self._entries_checked:
+            _check_entries(topk, self.vocab_size, self.dtype, file)
+            self._entries_checked.add(s)
         self._open[s] = topk
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
         return topk
 
     def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [L, K] int32, logprobs [L, K]) of example i."""
+        """(ids [L, K] int32, logprobs [L, K]) of example i; id -1 / -inf at absent entries."""
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} out of range for a cache of {len(self)} examples")
         s, offset = self._where[i]
         words = self._shard(s)[offset:offset + self.seq_lengths[i]]
-        return unpack(words, self.vocab_size, self.dtype)
+        return read_entries(words, self.vocab_size, self.dtype)
 
     def batch(self, indices: Sequence[int], *, length: Optional[int] = None,
               lengths: Optional[Sequence[int]] = None, padding_side: str = "right",

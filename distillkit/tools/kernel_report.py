@@ -87,20 +87,22 @@ def _distill_specializations():
 
 
 def _topk_specializations():
-    from ..sparse.topk_ops import BLOCK_K_SIZES, BLOCK_V, NUM_WARPS
+    from ..sparse.tails import TAIL_REGISTRY
+    from ..sparse.topk_ops import BLOCK_K_SIZES, BLOCK_V, CE_ONLY_TAIL, NUM_WARPS, kernel_switches
 
     for kernel in ("topk_forward_kernel", "topk_backward_kernel"):
-        for divergence, bucket, with_ce in itertools.product((NO_DIVERGENCE, *(IDS[n] for n in TOPK_NAMES)),
-                                                             (False, True), (False, True)):
-            if divergence == 0 and (bucket or not with_ce):
-                continue  # CE only: no bucket; nothing at all is never launched
+        for divergence, tail, with_ce in itertools.product((NO_DIVERGENCE, *(IDS[n] for n in TOPK_NAMES)),
+                                                           TAIL_REGISTRY, (False, True)):
+            if divergence == 0 and (tail.id != CE_ONLY_TAIL or not with_ce):
+                continue  # CE only runs as one tail; nothing at all is never launched
+            if divergence != 0 and divergence not in (IDS[n] for n in tail.divergences):
+                continue  # the tail does not define it (the ops refuse it)
             for dtype, block_k in itertools.product(DTYPES, BLOCK_K_SIZES):
                 dtypes = {"student_ptr": dtype}
                 if kernel == "topk_backward_kernel":
                     dtypes["grad_ptr"] = dtype
-                yield Specialization("topk", kernel, dict(DIVERGENCE=divergence, BUCKET=bucket, WITH_CE=with_ce,
-                                                          FULL_PASS=with_ce or bucket, BLOCK_V=BLOCK_V,
-                                                          BLOCK_K=block_k), dtypes, NUM_WARPS)
+                yield Specialization("topk", kernel, dict(**kernel_switches(divergence, tail.id, with_ce),
+                                                          BLOCK_V=BLOCK_V, BLOCK_K=block_k), dtypes, NUM_WARPS)
 
 
 def _vocab_parallel_specializations():

@@ -159,6 +159,7 @@ class Prepared:
     train: list
     evaluation: Optional[list]
     collator: Any
+    teacher_cache: Any = None  # a TeacherCache when the YAML says teacher: {cache: DIR}
 
 
 def prepare(config: dict, *, output_dir: Optional[str] = None) -> Prepared:
@@ -175,13 +176,37 @@ def prepare(config: dict, *, output_dir: Optional[str] = None) -> Prepared:
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc), key="training") from None
     tokenizer = load_tokenizer(config["tokenizer"])
-    for role in ("student", "teacher"):
-        model_config(config[role], role, tokenizer)
+    cache_dir = config["teacher"].get("cache")
+    student_config = model_config(config["student"], "student", tokenizer)
+    if cache_dir is None:
+        model_config(config["teacher"], "teacher", tokenizer)
     data = config["data"]
     train = load_examples(data, "train", tokenizer)
     evaluation = load_examples(data, "eval", tokenizer) if data.get("eval") else None
     collator = DistillationCollator.from_tokenizer(tokenizer, pad_to_multiple_of=data.get("pad_to_multiple_of"))
-    return Prepared(distill_config, args, tokenizer, train, evaluation, collator)
+    cache = None
+    if cache_dir is not None:
+        cache = check_teacher_cache(cache_dir, distill_config, train, student_config.vocab_size)
+        if evaluation is not None:
+            raise ConfigError("a teacher cache holds the training set only: evaluation needs teacher.path",
+                              key="data.eval")
+    return Prepared(distill_config, args, tokenizer, train, evaluation, collator, cache)
+
+
+def check_teacher_cache(path: str, distill_config, train: list, vocab_size: int):
+    """The opened cache, checked against the loss options and the training examples (ConfigError otherwise)."""
+    from ..sparse.teacher_cache import TeacherCacheError
+    from .cached_teacher import check_cache_config, check_cache_matches, open_teacher_cache
+    try:
+        check_cache_config(distill_config)
+    except ConfigError as exc:  # keyed by the DistillationConfig field
+        raise exc.within("loss") from None
+    try:
+        cache = open_teacher_cache(path)
+        check_cache_matches(cache, train, vocab_size, what="data.train")
+    except TeacherCacheError as exc:
+        raise ConfigError(str(exc), key="teacher.cache") from None
+    return cache
 
 
 def build_trainer(config: dict, *, output_dir: Optional[str] = None):
@@ -193,8 +218,9 @@ def build_trainer(config: dict, *, output_dir: Optional[str] = None):
     run = prepare(config, output_dir=output_dir)
     set_seed(run.args.seed)
     student = build_model(config["student"], "student", run.tokenizer)
-    teacher = build_model(config["teacher"], "teacher", run.tokenizer)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=run.args,
+    # With a cache the teacher's weights are never loaded.
+    teacher = build_model(config["teacher"], "teacher", run.tokenizer) if run.teacher_cache is None else None
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, teacher_cache=run.teacher_cache, args=run.args,
                                   distill_config=run.distill_config, data_collator=run.collator,
                                   train_dataset=run.train, eval_dataset=run.evaluation, processing_class=run.tokenizer)
     return trainer, run.tokenizer
@@ -265,8 +291,10 @@ def main(argv=None) -> int:
     main_process = trainer.is_world_process_zero()  # under torchrun, one line per run, not per rank
     path = "logits-free" if trainer.uses_logits_free() else "logits"
     if main_process:
-        logger.info("distilling %s -> %s (%s loss), output in %s", type(trainer.teacher_model).__name__,
-                    type(trainer.model).__name__, path, config["output_dir"])
+        teacher = (f"the teacher cache {trainer.teacher_cache.path}" if trainer.teacher_cache is not None
+                   else type(trainer.teacher_model).__name__)
+        logger.info("distilling %s -> %s (%s loss), output in %s", teacher, type(trainer.model).__name__, path,
+                    config["output_dir"])
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config["output_dir"])
     if trainer.eval_dataset is not None:

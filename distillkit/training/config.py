@@ -10,10 +10,12 @@ from typing import Any, Mapping, Optional, Union
 
 from ..core import _checks
 from ..core.modules import _span_index
+from ..sparse.topk import TAILS
 from .coerce import ConfigError, coerce_fields, coerce_value, field_errors
 from .curriculum import CurriculumConfig
 
 COMPONENT_MODES = ("auto", "all", "logged_steps", "off")
+TOPK_TAILS = ("auto",) + TAILS
 
 
 @dataclass
@@ -31,6 +33,8 @@ class DistillationConfig:
         and a linear LM head), True (required) or False (always logits). chunk_size: token rows per chunk
         of the logits-free op (None: automatic).
     vocab_mismatch: "error" | "truncate" (teacher and student vocabularies of different sizes).
+    topk_tail: with a teacher cache, distill_loss_topk's tail; "auto": "student_full" for a sampled cache (an
+        unbiased gradient estimate), "renormalize" for a top-k cache.
     log_components: "auto" (every micro-batch on the logits path, where they are free; the micro-batches of
         logged steps on the logits-free path, which computes them with extra passes), "all",
         "logged_steps" or "off".
@@ -53,6 +57,7 @@ class DistillationConfig:
     ignore_index: int = -100
     check_labels: bool = True
     log_components: str = "auto"
+    topk_tail: str = "auto"
 
     def __post_init__(self):
         # Every field against its type first (YAML's "1e-3" -> 0.001, a quoted 'false' is an error),
@@ -101,6 +106,8 @@ class DistillationConfig:
             raise ConfigError(f"must be >= 1; got {self.chunk_size}", key="chunk_size")
         if self.span_weight_lr is not None and not self.span_weight_lr >= 0:
             raise ConfigError(f"must be >= 0; got {self.span_weight_lr}", key="span_weight_lr")
+        if self.topk_tail not in TOPK_TAILS:
+            raise ConfigError(f"must be one of {TOPK_TAILS}; got {self.topk_tail!r}", key="topk_tail")
         with field_errors("vocab_mismatch"):
             _checks.check_choice("vocab_mismatch", self.vocab_mismatch, _checks.VOCAB_MISMATCH)
 

@@ -48,6 +48,7 @@ class ModelSpec:
     seed: int = 0
     dtype: str = "float32"
     attn_implementation: Optional[str] = None
+    cache: Optional[str] = None  # teacher only: a teacher cache directory (`distillkit cache-teacher`)
 
 
 @dataclass
@@ -181,6 +182,12 @@ def load_config(path: os.PathLike, overrides: Optional[list[str]] = None) -> dic
         if isinstance(spec, str):
             spec = {"path": spec}
         spec = _section(lambda values: ModelSpec(**coerce_fields(ModelSpec, values)), spec, role)
+        if spec.cache is not None:
+            if role != "teacher":
+                raise ConfigError("only the teacher can come from a cache", key=f"{role}.cache")
+            # Training from a cache never loads the teacher: its path/config are ignored, need not exist.
+            config[role] = {"cache": resolve(spec.cache, f"{role}.cache")}
+            continue
         if (spec.path is None) == (spec.config is None):
             raise ConfigError("give exactly one of path (a local model directory) or config", key=role)
         if spec.path is not None:

@@ -35,6 +35,8 @@ from .curriculum import (CompetenceCurriculum, CurriculumConfig, mean_over_mask,
 from ..core.lm_head import forward_hidden, head_problem, head_reproduces_logits
 from ..core.modules import DEFAULT_SPAN_WEIGHTS, SpanDistillationLoss, span_token_weights
 from ..core.spans import PAD_SPAN, Span
+from .cached_teacher import (CACHE_INDEX, CacheIndexed, cached_teacher_loss, check_cache_config,
+                             check_cache_matches, open_teacher_cache, resolve_tail)
 from .checkpoint import CONFIG_NAME, LOSS_STATE_NAME, load_loss_state, save_loss_state
 from .components import hidden_state_components, window_logs
 from .config import COMPONENT_MODES, DistillationConfig  # noqa: F401  (re-exported)
@@ -61,19 +63,32 @@ class DistillationTrainer(Trainer):
     device unless it has an hf_device_map) and distill_config (a DistillationConfig or its dict). Without
     data_collator, batches are padded by `distillkit.data.DistillationCollator` (pad id from
     processing_class, else from the model config). Batches need input_ids, labels (aligned with input_ids,
-    -100 = ignored) and span_ids; without span_ids, labelled tokens count as ANSWER spans.
+    -100 = ignored) and span_ids; without span_ids, labelled tokens count as ANSWER spans. teacher_cache (a
+    directory or TeacherCache) replaces teacher_model: training from the cache alone (cached_teacher.py).
     """
 
     def __init__(self, model=None, teacher_model: Optional[nn.Module] = None, args=None,
                  distill_config: Union[DistillationConfig, Mapping[str, Any], None] = None, data_collator=None,
-                 train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
-        if teacher_model is None:
-            raise ValueError("DistillationTrainer needs a teacher_model")
+                 train_dataset=None, eval_dataset=None, processing_class=None, teacher_cache=None, **kwargs):
+        if (teacher_model is None) == (teacher_cache is None):
+            raise ValueError("DistillationTrainer needs a teacher_model or a teacher_cache (one of them)")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("DistillationTrainer computes its own loss: compute_loss_func is not supported")
         if isinstance(distill_config, Mapping) or distill_config is None:
             distill_config = DistillationConfig.from_dict(distill_config)
         self.distill_config: DistillationConfig = distill_config
+        self.teacher_cache = self.topk_tail = None
+        if teacher_cache is not None:
+            self.teacher_cache = open_teacher_cache(teacher_cache)
+            check_cache_config(distill_config)
+            self.topk_tail = resolve_tail(distill_config, self.teacher_cache)
+            if eval_dataset is not None:
+                raise ValueError("evaluation needs the teacher's distribution on eval_dataset, which a teacher cache "
+                                 "of the training set does not hold: drop eval_dataset or pass teacher_model")
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+            check_cache_matches(self.teacher_cache, train_dataset, vocab)
+            train_dataset = CacheIndexed(train_dataset)
         if data_collator is None:
             data_collator = self._default_collator(model, processing_class)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -83,7 +98,7 @@ class DistillationTrainer(Trainer):
         self._loss_shifts_labels = True  # the count is taken over labels[..., 1:] (next-token targets)
 
         cfg = self.distill_config
-        self.teacher_model = self._prepare_teacher(teacher_model)
+        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         self.loss_fn = SpanDistillationLoss(
             cfg.span_weights, cfg.divergence, learnable=cfg.learnable_span_weights, beta=cfg.beta, skew=cfg.skew,
             alpha_beta=cfg.alpha_beta, temperature=cfg.temperature, temperature_scaling=cfg.temperature_scaling,
@@ -134,8 +149,9 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._signature_columns is not None and "span_ids" not in self._signature_columns:
-            self._signature_columns.append("span_ids")  # keep span ids through remove_unused_columns
+        for column in ("span_ids", CACHE_INDEX):  # keep them through remove_unused_columns
+            if self._signature_columns is not None and column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
@@ -202,14 +218,16 @@ class DistillationTrainer(Trainer):
                 if fused_linear_distill_loss is None:
                     problems.append("distillkit.core.fused_linear is not available")
                 student = self._unwrap(model if model is not None else self.model)
-                teacher = self._unwrap(self.teacher_model)
-                for name, m in (("student", student), ("teacher", teacher)):
+                models = [("student", student)]
+                if self.teacher_model is not None:  # a cached teacher has no head
+                    models.append(("teacher", self._unwrap(self.teacher_model)))
+                for name, m in models:
                     problem = head_problem(m)
                     if problem:
                         problems.append(f"{name}: {problem}")
-                if not problems:
+                if not problems and self.teacher_model is not None:
                     student_w = student.get_output_embeddings().weight
-                    teacher_w = teacher.get_output_embeddings().weight
+                    teacher_w = models[1][1].get_output_embeddings().weight
                     if student_w.device != teacher_w.device:
                         problems.append(f"the LM heads are on different devices ({student_w.device}, "
                                         f"{teacher_w.device})")
@@ -291,6 +309,9 @@ class DistillationTrainer(Trainer):
         if "position_ids" in inputs:
             kwargs["position_ids"] = inputs["position_ids"]
         training = model.training
+        if self.teacher_cache is not None:
+            return self._cached_teacher_loss(model, inputs, kwargs, targets, span_ids, target_spans,
+                                             num_items_in_batch, return_outputs)
         if self.teacher_model.training:
             self.teacher_model.eval()
         wants_entropy = training and self.curriculum is not None and self.curriculum.needs_entropy
@@ -336,17 +357,7 @@ class DistillationTrainer(Trainer):
                 vocab = teacher_logits.shape[-1] if teacher_logits is not None else None
             sample_weight = self._curriculum_weights(span_ids, entropy_fn, vocab)
 
-        normalizer = None
-        if num_items_in_batch is not None:
-            normalizer = (num_items_in_batch.clamp_min(1) if isinstance(num_items_in_batch, torch.Tensor)
-                          else max(num_items_in_batch, 1))
-        # The learnable weights' regularizer sum_k s_k belongs once to the whole (accumulated) batch: each
-        # micro-batch carries its share of the label tokens.
-        reg_scale = 1.0
-        if self.loss_fn.log_vars is not None and normalizer is not None:
-            local = (targets != cfg.ignore_index).sum()
-            reg_scale = local.to(torch.float32) / (normalizer.to(torch.float32) if isinstance(normalizer, torch.Tensor)
-                                                   else float(normalizer))
+        normalizer, reg_scale = self._normalizer(num_items_in_batch, targets)
         mode = cfg.log_components
         record = training and mode != "off" and (
             mode == "all" or (mode == "auto" and not logits_free) or self._is_logged_step())
@@ -374,11 +385,47 @@ class DistillationTrainer(Trainer):
             if record:
                 self._record(self.loss_fn.last_components)
 
+        loss = self._across_devices(loss, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _normalizer(self, num_items_in_batch, targets: torch.Tensor):
+        """(the loss normalizer from num_items_in_batch or None, the scale of the learnable weights' regularizer)."""
+        if num_items_in_batch is None:
+            return None, 1.0
+        normalizer = (num_items_in_batch.clamp_min(1) if isinstance(num_items_in_batch, torch.Tensor)
+                      else max(num_items_in_batch, 1))
+        # The learnable weights' regularizer sum_k s_k belongs once to the whole (accumulated) batch: each
+        # micro-batch carries its share of the label tokens.
+        reg_scale = 1.0
+        if self.loss_fn.log_vars is not None:
+            local = (targets != self.distill_config.ignore_index).sum()
+            reg_scale = local.to(torch.float32) / (normalizer.to(torch.float32) if isinstance(normalizer, torch.Tensor)
+                                                   else float(normalizer))
+        return normalizer, reg_scale
+
+    def _across_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             # As Trainer.compute_loss: num_items_in_batch counts every process's tokens, DDP averages gradients.
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
-        return (loss, outputs) if return_outputs else loss
+        return loss
+
+    def _cached_teacher_loss(self, model, inputs, kwargs, targets, span_ids, target_spans, num_items_in_batch,
+                             return_outputs):
+        """compute_loss against the teacher cache (cached_teacher.py): no teacher forward."""
+        if return_outputs:
+            raise ValueError("a teacher cache holds the training set only: evaluation/prediction is not supported")
+        logits_free = self.uses_logits_free(model)
+        self.last_path = "logits_free" if logits_free else "logits"
+        sample_weight = None
+        if model.training and self.curriculum is not None:  # without teacher entropy (check_cache_config)
+            sample_weight = self._curriculum_weights(span_ids, None, None)
+        normalizer, reg_scale = self._normalizer(num_items_in_batch, targets)
+        loss = cached_teacher_loss(self, model, inputs, kwargs, targets, target_spans, sample_weight, normalizer,
+                                   logits_free)
+        if self.loss_fn.log_vars is not None:
+            loss = loss + reg_scale * self.loss_fn.regularizer()
+        return self._across_devices(loss, num_items_in_batch)
 
     # ------------------------------------------------------------------ logging
 

@@ -9,6 +9,7 @@ import inspect
 import distillkit
 from distillkit.core import divergences, reference
 from distillkit.parallel import api as parallel
+from distillkit.sparse.fused_linear_topk import fused_linear_distill_loss_topk
 from distillkit.training.config import DistillationConfig
 
 ENTRY_POINTS = {
@@ -19,6 +20,7 @@ ENTRY_POINTS = {
     "vocab_parallel_loss_terms": parallel.vocab_parallel_loss_terms,
     "fused_linear_distill_loss": distillkit.fused_linear_distill_loss,
     "distill_loss_topk": distillkit.distill_loss_topk,
+    "fused_linear_distill_loss_topk": fused_linear_distill_loss_topk,
     "DistillationLoss": distillkit.DistillationLoss.__init__,
     "SpanDistillationLoss": distillkit.SpanDistillationLoss.__init__,
 }
@@ -66,3 +68,10 @@ def test_the_vocabulary_parallel_loss_takes_the_fused_loss_arguments():
     assert set(inspect.signature(parallel.vocab_parallel_loss_terms).parameters) == (
         terms - {"student_logits", "teacher_logits"}) | {"student_shard", "teacher_shard", "process_group",
                                                          "vocab_start"}
+
+
+def test_the_logits_free_top_k_loss_takes_the_top_k_arguments():
+    logits = inspect.signature(distillkit.distill_loss_topk).parameters
+    fused = inspect.signature(fused_linear_distill_loss_topk).parameters
+    head = {"student_hidden", "student_weight", "student_bias", "chunk_size", "max_chunk_bytes", "grad_weight_fp32"}
+    assert set(fused) - head == set(logits) - {"student_logits"}

@@ -205,10 +205,18 @@ INDEX_MUTATIONS = [
     ("null", lambda index: None, "the index must be a JSON object, got NoneType"),
     ("format-missing", _drop("format"), "field 'format': is missing"),
     ("format-other", _put("format", "other-cache"), "field 'format': must be 'distillkit-teacher-cache'"),
-    ("version-unknown", _put("version", 2), "field 'version': must be 1"),
-    ("version-bool", _put("version", True), "field 'version': must be 1"),
-    ("version-str", _put("version", "1"), "field 'version': must be 1"),
+    ("version-unknown", _put("version", 3), "field 'version': must be one of [1, 2]"),
+    ("version-bool", _put("version", True), "field 'version': must be one of [1, 2]"),
+    ("version-str", _put("version", "1"), "field 'version': must be one of [1, 2]"),
+    ("mode-unknown", _put("mode", "topp"), "field 'mode': must be one of ['topk', 'sample'], got 'topp'"),
+    ("mode-null", _put("mode", None), "field 'mode': must be one of"),
+    ("sample-version-1", _put("mode", "sample"), "field 'version': must be >= 2 for mode 'sample', got 1"),
+    ("sample-seed-missing", lambda index: {**_drop("seed")(index), "mode": "sample", "version": 2},
+     "field 'seed': is missing"),
+    ("seed-str", _put("seed", "0"), "field 'seed': must be an int >= 0"),
+    ("seed-negative", _put("seed", -1), "field 'seed': must be an int >= 0"),
     ("incomplete", _put("complete", False), "field 'complete': the cache is incomplete"),
+    ("incomplete-says-resume", _put("complete", False), "continue it with --resume"),
     ("complete-missing", _drop("complete"), "field 'complete': the cache is incomplete"),
     ("k-missing", _drop("k"), "field 'k': is missing"),
     ("k-zero", _put("k", 0), "field 'k': must be an int >= 1"),
@@ -428,21 +436,3 @@ def test_half_written_cache_is_refused(tmp_path):
     os.remove(os.path.join(tmp_path, tc.INDEX_FILE))
     with pytest.raises(tc.TeacherCacheError, match="no index.json"):
         tc.TeacherCache(str(tmp_path))
-
-
-def test_huggingface_causal_lm(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    examples = [{"input_ids": torch.randint(0, 300, (n,)).tolist()} for n in (5, 12, 3)]
-    tc.write_teacher_cache(str(tmp_path), model, examples, k=4, batch_size=2)
-    cache = tc.TeacherCache(str(tmp_path))
-    for i, example in enumerate(examples):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0]
-        ids, logprobs = cache.example(i)
-        want_lp, want_ids = torch.log_softmax(logits, -1).topk(4, -1)
-        assert torch.equal(ids.long(), want_ids)
-        torch.testing.assert_close(logprobs.float(), want_lp, atol=2e-3, rtol=1e-3)

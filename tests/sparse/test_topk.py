@@ -10,8 +10,9 @@ import torch
 from helpers import available_backends
 
 import distillkit
-from distillkit.core import reference
+from distillkit.core import divergences, reference
 from distillkit.sparse import reference as reference_topk
+from distillkit.sparse import tails
 from distillkit.core.tolerances import compare
 from distillkit.sparse.topk import distill_loss_topk
 from distillkit.sparse.topk_ops import topk_rows, topk_rows_backward
@@ -166,13 +167,14 @@ def test_reference_gradcheck(tail):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bucket", [False, True])
-def test_opcheck(backend, bucket):
+@pytest.mark.parametrize("tail,divergence", [("renormalize", "forward_kl"), ("bucket", "reverse_kl")])
+def test_opcheck(backend, tail, divergence):
     student = torch.randn(2, 3, 301, requires_grad=True)
     _, ids, logprobs = make_teacher((2, 3), 301, 5)
-    tlp, trest = distillkit.sparse.topk.teacher_log_probs(ids, logprobs, 301, bucket=bucket, ratio=0.8)
+    tlp, trest = distillkit.sparse.topk.teacher_log_probs(ids, logprobs, 301, tail=tail, ratio=0.8)
     labels = torch.randint(0, 301, (2, 3))
-    args = (student, ids, tlp, trest, labels, 2 if bucket else 1, bucket, 1.5, -100, True, backend)
+    args = (student, ids, tlp, trest, labels, divergences.IDS[divergence], tails.tail_named(tail).id,
+            1.5, -100, True, backend)
     torch.library.opcheck(topk_rows, args)
     stats = topk_rows(*args)[2]
     torch.library.opcheck(topk_rows_backward, (torch.rand(2, 3), torch.rand(2, 3), student.detach(), ids, tlp,
