@@ -8,7 +8,8 @@ example, same vocabulary (each mismatch is an error naming which). Every example
 
 The loss is `distill_loss_topk` (or, on the logits-free path, `fused_linear_distill_loss_topk`: the
 student's [tokens x vocabulary] logits are never materialized) with the span table's per-token
-weights, exactly as the dense path weighs `SpanDistillationLoss`'s terms.
+weights, exactly as the dense path weighs `SpanDistillationLoss`'s terms. The per-span components
+(kl/<span>, ce/<span>) take extra passes: by default (log_components="auto") on logged steps only.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def resolve_tail(config, cache: TeacherCache) -> str:
 def cached_teacher_loss(trainer, model, inputs: Mapping[str, torch.Tensor], kwargs: dict, targets: torch.Tensor,
                         target_spans: torch.Tensor, sample_weight: Optional[torch.Tensor], normalizer,
                         logits_free: bool) -> torch.Tensor:
-    """The span-weighted loss of one batch against the cached teacher (its rows for inputs["cache_index"])."""
+    """The span-weighted loss of one batch against the cached teacher (its rows for inputs["cache_index"]);
+    records the per-span components on the steps that log them."""
+    from .components import cached_teacher_components
     from ..sparse.topk import distill_loss_topk
     cfg, cache = trainer.distill_config, trainer.teacher_cache
     if CACHE_INDEX not in inputs:
@@ -102,10 +105,19 @@ def cached_teacher_loss(trainer, model, inputs: Mapping[str, torch.Tensor], kwar
                    ce_weight=ce_weight, ignore_index=cfg.ignore_index, reduction="mean", normalizer=normalizer,
                    backend=cfg.backend, check_labels=cfg.check_labels,
                    divergence_on_ignored=True)  # span ids decide, as on the dense path
+    components = dict(tail=trainer.topk_tail, cache_temperature=cache.temperature, ids=ids, logprobs=logprobs,
+                      targets=targets, spans=target_spans)
     if logits_free:
         from ..sparse.fused_linear_topk import fused_linear_distill_loss_topk
         hidden, head, _ = trainer._forward_hidden(model, kwargs)
-        return fused_linear_distill_loss_topk(hidden, head.weight, ids, logprobs, targets, student_bias=head.bias,
+        loss = fused_linear_distill_loss_topk(hidden, head.weight, ids, logprobs, targets, student_bias=head.bias,
                                               chunk_size=cfg.chunk_size, **options)
-    logits = model(**kwargs).logits
-    return distill_loss_topk(logits, ids, logprobs, targets, **options)
+        components.update(hidden=hidden, head=head)
+    else:
+        logits = model(**kwargs).logits
+        loss = distill_loss_topk(logits, ids, logprobs, targets, **options)
+        components.update(logits=logits)
+    mode = cfg.log_components  # extra passes on both paths: "auto" means on logged steps
+    if model.training and mode != "off" and (mode == "all" or trainer._is_logged_step()):
+        trainer._record(cached_teacher_components(cfg, trainer.loss_fn, **components))
+    return loss

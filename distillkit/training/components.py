@@ -1,4 +1,5 @@
-"""The loss components `DistillationTrainer` logs: per-span KL and CE sums on the logits-free path, and
+"""The loss components `DistillationTrainer` logs: per-span KL and CE sums on the logits-free path and
+against a teacher cache, and
 the log entries made from a logging window's sums (per-token means, curriculum, learned span weights)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from ..core.modules import SpanDistillationLoss
 from ..core.spans import SPAN_NAMES, Span
 from .config import DistillationConfig
 
-__all__ = ["hidden_state_components", "window_logs"]
+__all__ = ["hidden_state_components", "cached_teacher_components", "span_sums", "window_logs"]
 
 
 @torch.no_grad()
@@ -36,6 +37,39 @@ def hidden_state_components(cfg: DistillationConfig, loss_fn: SpanDistillationLo
     if (table[:, 1] != 0).any():
         ce = fused_linear_distill_loss(h, w, None, None, targets, student_bias=b, kl_weight=0.0, ce_weight=1.0,
                                        **common)
+    return span_sums(table, spans, div, ce)
+
+
+@torch.no_grad()
+def cached_teacher_components(cfg: DistillationConfig, loss_fn: SpanDistillationLoss, tail: str,
+                              cache_temperature: float, ids: torch.Tensor, logprobs: torch.Tensor,
+                              targets: torch.Tensor, spans: torch.Tensor, *, logits: Optional[torch.Tensor] = None,
+                              hidden: Optional[torch.Tensor] = None,
+                              head: Optional[nn.Linear] = None) -> dict[str, torch.Tensor]:
+    """The per-span sums against a teacher cache (extra passes of the top-k op, from logits or hidden states)."""
+    from ..sparse.fused_linear_topk import fused_linear_distill_loss_topk
+    from ..sparse.topk import distill_loss_topk
+    common = dict(tail=tail, teacher_temperature=cache_temperature, divergence=cfg.divergence,
+                  temperature=cfg.temperature, temperature_scaling=cfg.temperature_scaling,
+                  ignore_index=cfg.ignore_index, reduction="none", backend=cfg.backend, check_labels=False)
+    if logits is not None:
+        def per_token(**weights):
+            return distill_loss_topk(logits.detach(), ids, logprobs, **weights, **common)
+    else:
+        b = head.bias.detach() if head.bias is not None else None
+
+        def per_token(**weights):
+            return fused_linear_distill_loss_topk(hidden.detach(), head.weight.detach(), ids, logprobs,
+                                                  student_bias=b, chunk_size=cfg.chunk_size, **weights, **common)
+    table = loss_fn.weight_table.cpu()
+    div = per_token(labels=None, kl_weight=1.0, ce_weight=0.0) if (table[:, 0] != 0).any() else None
+    ce = per_token(labels=targets, kl_weight=0.0, ce_weight=1.0) if (table[:, 1] != 0).any() else None
+    return span_sums(table, spans, div, ce)
+
+
+def span_sums(table: torch.Tensor, spans: torch.Tensor, div: Optional[torch.Tensor],
+              ce: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Token counts and the per-token KL/CE sums of each span with a non-zero weight in the table."""
     out = {}
     for span in Span:
         name = span.name.lower()

@@ -15,12 +15,23 @@ pytest.importorskip("accelerate")
 
 from distillkit.sparse.teacher_cache import TeacherCache, TeacherCacheError, write_teacher_cache  # noqa: E402
 from distillkit.training import cli as train_cli  # noqa: E402
+from distillkit.training.components import cached_teacher_components  # noqa: E402
 from distillkit.training.trainer import DistillationConfig, DistillationTrainer  # noqa: E402
 
 from trainer_helpers import (ROOT, SPAN_WEIGHTS, batch_of, make_tiny, models, num_items,  # noqa: E402
                              train_logs, training_args)
 
 EXAMPLES = 12
+
+
+def _shift(x, fill):
+    return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
+
+
+def hidden_of(trainer, model, batch):
+    hidden, _, _ = trainer._forward_hidden(model, {"input_ids": batch["input_ids"],
+                                                   "attention_mask": batch["attention_mask"], "use_cache": False})
+    return hidden
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +85,17 @@ def test_logits_free_and_logits_paths_agree_with_a_cache(workspace, cached, tmp_
         loss.backward()
         assert trainer.last_path == ("logits_free" if logits_free else "logits")
         results[logits_free] = (loss.detach(), [p.grad.clone() for p in student.parameters()])
+        with torch.no_grad():  # the components of both paths agree too
+            results[logits_free] += (cached_teacher_components(
+                trainer.distill_config, trainer.loss_fn, tail, trainer.teacher_cache.temperature,
+                *trainer.teacher_cache.batch(range(6), length=batch["input_ids"].shape[1])[:2],
+                _shift(batch["labels"], -100), _shift(batch["span_ids"], -1),
+                **({"hidden": hidden_of(trainer, student, batch), "head": student.get_output_embeddings()}
+                   if logits_free else {"logits": student(input_ids=batch["input_ids"],
+                                                          attention_mask=batch["attention_mask"]).logits})),)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for key, value in results[False][2].items():
+        torch.testing.assert_close(results[True][2][key], value, rtol=1e-5, atol=1e-5, msg=key)
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -92,6 +113,9 @@ def test_training_from_a_cache_shuffles_by_example_and_learns(workspace, cached,
     logs = train_logs(trainer)
     assert len(logs) == 5 and all(math.isfinite(entry["loss"]) for entry in logs)
     assert after < before
+    for entry in logs:  # the per-span components, as on the dense path
+        for key in ("kl/reason", "kl/action", "ce/action", "kl/answer", "ce/answer"):
+            assert math.isfinite(entry[key]) and entry[key] >= 0, key
 
 
 def test_the_cache_must_match_the_dataset(workspace, cached, tmp_path):
