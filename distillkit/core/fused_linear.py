@@ -37,6 +37,7 @@ from . import _checks, backends, divergences
 from .ops import input_gradients  # also registers torch.ops.distillkit.distill_rows*
 from ._checks import Weight, is_literal_zero
 from .divergences import NO_DIVERGENCE
+from .logit_transform import NO_TRANSFORMS, check_transform, transform_grad, transform_logits
 from ._reduce import count_active_tokens, mask_ignored_tokens, valid_labels
 from .vocab import check_policy, shared_vocab_size
 
@@ -78,10 +79,13 @@ def _rows_and_grad(s: Tensor, t: Optional[Tensor], y: Optional[Tensor], g_div: T
 
 
 def dense_row_terms(t_hidden, t_weight, t_bias, labels, div_id, param_a, param_b, temperature, ignore_index,
-                    with_ce, backend):
-    """The row terms of chunk_loop against a dense teacher: its chunk logits from its hidden states and head."""
+                    with_ce, backend, teacher_scale: float = 1.0, teacher_softcap: float = 0.0):
+    """The row terms of chunk_loop against a dense teacher: its chunk logits from its hidden states and head
+    (with the teacher's logit transform)."""
     def row_terms(rows: slice, s: Tensor, g_div: Tensor, g_ce: Tensor, need_grad: bool):
-        t = F.linear(t_hidden[rows], t_weight, t_bias) if div_id != NO_DIVERGENCE else None
+        t = None
+        if div_id != NO_DIVERGENCE:
+            t = transform_logits(F.linear(t_hidden[rows], t_weight, t_bias), teacher_scale, teacher_softcap)
         y = labels[rows] if with_ce else None
         return _rows_and_grad(s, t, y, g_div, g_ce, div_id, param_a, param_b, temperature, ignore_index, with_ce,
                               backend, need_grad)
@@ -89,10 +93,12 @@ def dense_row_terms(t_hidden, t_weight, t_bias, labels, div_id, param_a, param_b
 
 
 def chunk_loop(hidden, weight, bias, row_terms, g_div, g_ce, chunk_size, grad_weight_fp32,
-               need_hidden, need_weight, need_bias):
+               need_hidden, need_weight, need_bias, scale: float = 1.0, softcap: float = 0.0):
     """Per-row (D, ce) and the gradients of sum_r g_div[r] D[r] + g_ce[r] ce[r] w.r.t. hidden/weight/bias.
     row_terms(rows, chunk logits, g_div[rows], g_ce[rows], need_grad) -> (D, ce, d/d logits) is the row op
-    against the teacher (dense_row_terms here; the top-k teacher in distillkit/sparse/fused_linear_topk.py)."""
+    against the teacher (dense_row_terms here; the top-k teacher in distillkit/sparse/fused_linear_topk.py).
+    scale, softcap: the student's logit transform (transform_logits), applied to each chunk and chained into
+    its gradient."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -114,9 +120,11 @@ def chunk_loop(hidden, weight, bias, row_terms, g_div, g_ce, chunk_size, grad_we
             rows = slice(start, min(start + chunk_size, n))
             x = hidden[rows]
             s = F.linear(x, weight, bias)
-            s = s.float() if upcast else s
+            s = transform_logits(s.float() if upcast else s, scale, softcap)
             d, e, g = row_terms(rows, s, g_div[rows], g_ce[rows], need_grad)
             div[rows], ce[rows] = d, e
+            if need_grad:
+                g = transform_grad(g, s, scale, softcap)
             del s
             if need_hidden:
                 grad_h[rows] = _mm_fp32(g, weight_for_grad)
@@ -140,7 +148,8 @@ def fused_linear_distill(
     t_weight: Optional[Tensor], t_bias: Optional[Tensor], labels: Optional[Tensor],
     coef_div: Tensor, coef_ce: Tensor, divergence: int, param_a: float, param_b: float, temperature: float,
     ignore_index: int, with_ce: bool, backend: str, chunk_size: int, reduce: bool, grad_weight_fp32: bool,
-    need_hidden: bool, need_weight: bool, need_bias: bool,
+    need_hidden: bool, need_weight: bool, need_bias: bool, student_scale: float = 1.0, student_softcap: float = 0.0,
+    teacher_scale: float = 1.0, teacher_softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, D [N], ce [N], grad_hidden, grad_weight, grad_bias).
 
@@ -151,9 +160,10 @@ def fused_linear_distill(
     """
     grads = reduce and (need_hidden or need_weight or need_bias)
     row_terms = dense_row_terms(t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b, temperature,
-                                ignore_index, with_ce, backend)
+                                ignore_index, with_ce, backend, teacher_scale, teacher_softcap)
     div, ce, gh, gw, gb = chunk_loop(hidden, weight, bias, row_terms, coef_div, coef_ce, chunk_size, grad_weight_fp32,
-                                     grads and need_hidden, grads and need_weight, grads and need_bias)
+                                     grads and need_hidden, grads and need_weight, grads and need_bias, student_scale,
+                                     student_softcap)
     return combine_rows(coef_div, div, coef_ce, ce, reduce), div, ce, gh, gw, gb
 
 
@@ -185,7 +195,7 @@ def fake_outputs(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_wei
 @fused_linear_distill.register_fake
 def _(hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
       temperature, ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, need_hidden,
-      need_weight, need_bias):
+      need_weight, need_bias, student_scale=1.0, student_softcap=0.0, teacher_scale=1.0, teacher_softcap=0.0):
     return fake_outputs(hidden, weight, reduce, grad_weight_fp32, need_hidden, need_weight, need_bias)
 
 
@@ -195,30 +205,34 @@ def fused_linear_distill_backward(
     t_hidden: Optional[Tensor], t_weight: Optional[Tensor], t_bias: Optional[Tensor], labels: Optional[Tensor],
     divergence: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool, backend: str,
     chunk_size: int, grad_weight_fp32: bool, need_hidden: bool, need_weight: bool, need_bias: bool,
+    student_scale: float = 1.0, student_softcap: float = 0.0, teacher_scale: float = 1.0,
+    teacher_softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_r grad_div[r] D[r] + grad_ce[r] ce[r] (recomputes the chunks' logits)."""
     row_terms = dense_row_terms(t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b, temperature,
-                                ignore_index, with_ce, backend)
+                                ignore_index, with_ce, backend, teacher_scale, teacher_softcap)
     _, _, gh, gw, gb = chunk_loop(hidden, weight, bias, row_terms, grad_div, grad_ce, chunk_size, grad_weight_fp32,
-                                  need_hidden, need_weight, need_bias)
+                                  need_hidden, need_weight, need_bias, student_scale, student_softcap)
     return gh, gw, gb
 
 
 @fused_linear_distill_backward.register_fake
 def _(grad_div, grad_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b,
       temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32, need_hidden, need_weight,
-      need_bias):
+      need_bias, student_scale=1.0, student_softcap=0.0, teacher_scale=1.0, teacher_softcap=0.0):
     return grad_shapes(hidden, weight, True, grad_weight_fp32, need_hidden, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
      temperature,
-     ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, *_) = inputs
+     ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, _need_h, _need_w, _need_b,
+     *transforms) = inputs
     _, div, ce, gh, gw, gb = output
     ctx.reduce = reduce
     ctx.options = (divergence, param_a, param_b, temperature, ignore_index, with_ce, backend, chunk_size,
                    grad_weight_fp32)
+    ctx.transforms = tuple(transforms) or NO_TRANSFORMS  # (student scale, softcap, teacher scale, softcap)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
     if reduce:
@@ -243,7 +257,7 @@ def _backward(ctx, grad_loss, *_unused):
         g_ce = torch.where(coef_ce != 0, grad_loss * coef_ce, 0.0)
         gh, gw, gb = fused_linear_distill_backward(
             g_div, g_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, *ctx.options,
-            bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2]))
+            bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2]), *ctx.transforms)
         g_hidden = gh.to(h_dtype) if need[0] else None
         g_weight = gw.to(w_dtype) if need[1] else None
         g_bias = gb.to(b_dtype) if ctx.has_bias and need[2] else None
@@ -309,6 +323,8 @@ def fused_linear_distill_loss(
     ignore_index: int = -100, reduction: str = "mean", normalizer=None, backend: str = "auto",
     check_labels: bool = True, vocab_mismatch: str = "error", chunk_size: Optional[int] = None,
     max_chunk_bytes: int = 256 * 2**20, grad_weight_fp32: bool = True, divergence_on_ignored: bool = False,
+    student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
 ) -> Tensor:
     """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
     teacher_bias, labels, ...)` without materializing the [N, V] logits.
@@ -327,11 +343,17 @@ def fused_linear_distill_loss(
             max_chunk_bytes.
         grad_weight_fp32: accumulate the LM-head gradient over chunks in fp32 (default; returned in the weight
             dtype) or directly in the weight dtype (saves V * H * 2 bytes for bf16 weights, less exact).
+        student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap: models that transform their
+            head's output: logits = softcap * tanh(scale * (h W^T + b) / softcap), or scale * (h W^T + b) without
+            a softcap (Gemma 2/3: softcap = final_logit_softcapping; Cohere: scale = logit_scale; Granite:
+            scale = 1 / logits_scaling). Applied per chunk, in fp32, with the exact gradient.
     Returns:
         The loss in float32: a scalar, or the leading shape for reduction="none".
     """
     options = _checks.check_options(divergence=divergence, beta=beta, skew=skew, alpha_beta=alpha_beta,
                                     temperature=temperature, reduction=reduction, backend=backend)
+    transforms = (*check_transform("student", student_logit_scale, student_softcap),
+                  *check_transform("teacher", teacher_logit_scale, teacher_softcap))
     check_policy(vocab_mismatch)
     check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     lead, hidden_size = student_hidden.shape[:-1], student_hidden.shape[-1]
@@ -394,5 +416,6 @@ def fused_linear_distill_loss(
         int(chunk_size),
         reduction != "none", bool(grad_weight_fp32),
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-        grad_on and student_bias is not None and student_bias.requires_grad)
+        grad_on and student_bias is not None and student_bias.requires_grad, *transforms)
     return loss if reduction != "none" else loss.reshape(lead)
+

@@ -1,6 +1,7 @@
 """The logits-free path of `DistillationTrainer`: whether a Hugging Face causal LM can feed
 `fused_linear_distill_loss` (a final hidden state and a plain linear LM head), running it to that
-hidden state, and checking once that head(hidden) reproduces the model's own logits.
+hidden state, its logit transform (scale, soft cap), and checking once that head(hidden) reproduces the
+model's own logits.
 
 All three take the unwrapped model (no DDP / PEFT wrapper); `forward_hidden` runs the wrapped one,
 so that data-parallel gradient hooks fire.
@@ -14,8 +15,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .logit_transform import transform_logits
+
 # Config attributes through which a model transforms head(hidden) before returning its logits.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+# Logit transforms of the configs that the logits-free path applies (logit_transform), and those it cannot.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+UNSUPPORTED_TRANSFORMS = ("output_multiplier_scale",)
 # head(hidden) vs the model's logits, relative in norm: absorbs bf16 / autocast rounding; a wrong hidden
 # state (e.g. before the final norm) or a transformed head is off by O(1).
 HEAD_CHECK_TOLERANCE = 5e-2
@@ -37,11 +42,24 @@ def head_problem(model: nn.Module) -> Optional[str]:
     if decoder is None or decoder is model:
         return f"{type(model).__name__} exposes no separate decoder"
     config = getattr(model, "config", None)
-    for attr in LOGIT_TRANSFORMS:
+    for attr in UNSUPPORTED_TRANSFORMS:
         value = getattr(config, attr, None)
         if value not in (None, 0, 1, 1.0, False):
             return f"{type(model).__name__} transforms its logits ({attr}={value})"
     return None
+
+
+def logit_transform(model: nn.Module) -> tuple[float, Optional[float]]:
+    """(scale, softcap) of the model's logits over its head output z: softcap * tanh(scale * z / softcap), or
+    scale * z (the keywords of fused_linear_distill_loss). Read from the config: Gemma 2/3's
+    final_logit_softcapping, Cohere's logit_scale (multiplies), Granite's logits_scaling (divides)."""
+    config = getattr(model, "config", None)
+
+    def value(attr):
+        v = getattr(config, attr, None)
+        return None if v in (None, 0, False) else float(v)
+    scale = (value("logit_scale") or 1.0) / (value("logits_scaling") or 1.0)
+    return scale, value("final_logit_softcapping")
 
 
 def _accepts(fn, name: str) -> bool:
@@ -76,14 +94,18 @@ def forward_hidden(model: nn.Module, unwrapped: nn.Module, kwargs: dict):
     return hidden, head, outputs
 
 
-def head_reproduces_logits(hidden: torch.Tensor, head: nn.Linear, outputs) -> bool:
-    """Whether the captured hidden state through the head gives the model's own logits (last position)."""
+def head_reproduces_logits(hidden: torch.Tensor, head: nn.Linear, outputs,
+                           transform: tuple[float, Optional[float]] = (1.0, None)) -> bool:
+    """Whether the captured hidden state through the head (and the model's logit transform) gives the model's
+    own logits (last position)."""
     logits = getattr(outputs, "logits", None)
     if logits is None:
         return False
     with torch.no_grad():
         bias = head.bias.float() if head.bias is not None else None
-        mine = nn.functional.linear(hidden[:, -1:].float(), head.weight.float(), bias)
+        scale, softcap = transform
+        mine = transform_logits(nn.functional.linear(hidden[:, -1:].float(), head.weight.float(), bias), scale,
+                                softcap or 0.0)
         theirs = logits[:, -1:].float()
         if mine.shape != theirs.shape:
             return False
@@ -91,4 +113,4 @@ def head_reproduces_logits(hidden: torch.Tensor, head: nn.Linear, outputs) -> bo
         return bool(error <= HEAD_CHECK_TOLERANCE)
 
 
-__all__ = ["head_problem", "forward_hidden", "head_reproduces_logits"]
+__all__ = ["head_problem", "logit_transform", "forward_hidden", "head_reproduces_logits"]

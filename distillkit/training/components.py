@@ -19,21 +19,26 @@ __all__ = ["hidden_state_components", "cached_teacher_components", "span_sums", 
 @torch.no_grad()
 def hidden_state_components(cfg: DistillationConfig, loss_fn: SpanDistillationLoss, hidden: torch.Tensor,
                             head: nn.Linear, t_hidden: Optional[torch.Tensor], t_head: Optional[nn.Linear],
-                            targets: torch.Tensor, spans: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The per-span sums of SpanDistillationLoss.last_components, from hidden states (extra chunk passes)."""
+                            targets: torch.Tensor, spans: torch.Tensor,
+                            transforms: tuple = (1.0, None, 1.0, None)) -> dict[str, torch.Tensor]:
+    """The per-span sums of SpanDistillationLoss.last_components, from hidden states (extra chunk passes).
+    transforms: (student scale, softcap, teacher scale, softcap) of the models' logits (lm_head.logit_transform)."""
     # Imported here: the trainer works without this op, and only its logits-free path (which needs it) calls this.
     from ..core.fused_linear import fused_linear_distill_loss
     common = dict(divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew, alpha_beta=cfg.alpha_beta,
                   temperature=cfg.temperature, temperature_scaling=cfg.temperature_scaling,
                   ignore_index=cfg.ignore_index, reduction="none", backend=cfg.backend, check_labels=False,
-                  vocab_mismatch=cfg.vocab_mismatch, chunk_size=cfg.chunk_size)
+                  vocab_mismatch=cfg.vocab_mismatch, chunk_size=cfg.chunk_size, student_logit_scale=transforms[0],
+                  student_softcap=transforms[1])
+    teacher_transform = dict(teacher_logit_scale=transforms[2], teacher_softcap=transforms[3])
     table = loss_fn.weight_table.cpu()  # one copy, then every weight test runs on the host
     h, w = hidden.detach(), head.weight.detach()
     b = head.bias.detach() if head.bias is not None else None
     div = ce = None
     if (table[:, 0] != 0).any():
         div = fused_linear_distill_loss(h, w, t_hidden, t_head.weight, None, student_bias=b,
-                                        teacher_bias=t_head.bias, kl_weight=1.0, ce_weight=0.0, **common)
+                                        teacher_bias=t_head.bias, kl_weight=1.0, ce_weight=0.0, **teacher_transform,
+                                        **common)
     if (table[:, 1] != 0).any():
         ce = fused_linear_distill_loss(h, w, None, None, targets, student_bias=b, kl_weight=0.0, ce_weight=1.0,
                                        **common)

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from ..core.logit_transform import transform_logits
 from ..core.spans import PAD_SPAN, Span
 from .coerce import ConfigError, coerce_fields
 
@@ -165,15 +166,17 @@ def token_entropy(logits: torch.Tensor, *, max_chunk_bytes: int = 64 * 2**20) ->
 
 @torch.no_grad()
 def token_entropy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                              max_chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
-    """Entropy of softmax(hidden @ weight.T + bias) per token without materializing the [N, V] logits."""
+                              max_chunk_bytes: int = 64 * 2**20,
+                              transform: tuple[float, Optional[float]] = (1.0, None)) -> torch.Tensor:
+    """Entropy of softmax(hidden @ weight.T + bias) per token without materializing the [N, V] logits;
+    transform: the model's (logit scale, softcap) (distillkit.core.lm_head.logit_transform)."""
     vocab = weight.shape[0]
     rows = hidden.reshape(-1, hidden.shape[-1])
     out = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
     step = _rows_per_chunk(vocab, max_chunk_bytes)
     for start in range(0, rows.shape[0], step):
         chunk = torch.nn.functional.linear(rows[start:start + step], weight, bias)
-        out[start:start + step] = _chunk_entropy(chunk)
+        out[start:start + step] = _chunk_entropy(transform_logits(chunk, transform[0], transform[1] or 0.0))
     return out.reshape(hidden.shape[:-1])
 
 

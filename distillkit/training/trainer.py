@@ -32,11 +32,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the [tra
 
 from .curriculum import (CompetenceCurriculum, CurriculumConfig, mean_over_mask, reference_scores, token_entropy,
                          token_entropy_from_hidden)
-from ..core.lm_head import forward_hidden, head_problem, head_reproduces_logits
+from ..core.lm_head import forward_hidden, head_problem, head_reproduces_logits, logit_transform
 from ..core.modules import DEFAULT_SPAN_WEIGHTS, SpanDistillationLoss, span_token_weights
 from ..core.spans import PAD_SPAN, Span
 from .cached_teacher import (CACHE_INDEX, CacheIndexed, cached_teacher_loss, check_cache_config,
                              check_cache_matches, open_teacher_cache, resolve_tail)
+from .normalization import loss_normalizer, scale_across_devices
 from .checkpoint import CONFIG_NAME, LOSS_STATE_NAME, load_loss_state, save_loss_state
 from .components import hidden_state_components, window_logs
 from .config import COMPONENT_MODES, DistillationConfig  # noqa: F401  (re-exported)
@@ -244,7 +245,8 @@ class DistillationTrainer(Trainer):
     def _verify_head(self, model: nn.Module, hidden: torch.Tensor, head: nn.Linear, outputs) -> bool:
         """Once per model: head(hidden) reproduces the model's own logits (lm_head.head_reproduces_logits)."""
         key = id(self._unwrap(model))
-        if key not in self._head_verified and head_reproduces_logits(hidden, head, outputs):
+        transform = logit_transform(self._unwrap(model))
+        if key not in self._head_verified and head_reproduces_logits(hidden, head, outputs, transform):
             self._head_verified.add(key)
         return key in self._head_verified
 
@@ -348,7 +350,8 @@ class DistillationTrainer(Trainer):
             active_targets = self._weighted_positions(target_spans)
             if logits_free:
                 def entropy_fn():
-                    ent = token_entropy_from_hidden(t_hidden, t_head.weight, t_head.bias)
+                    ent = token_entropy_from_hidden(t_hidden, t_head.weight, t_head.bias,
+                                                    transform=logit_transform(self._unwrap(self.teacher_model)))
                     return mean_over_mask(ent, active_targets)
                 vocab = t_head.weight.shape[0] if t_head is not None else None
             else:
@@ -357,7 +360,8 @@ class DistillationTrainer(Trainer):
                 vocab = teacher_logits.shape[-1] if teacher_logits is not None else None
             sample_weight = self._curriculum_weights(span_ids, entropy_fn, vocab)
 
-        normalizer, reg_scale = self._normalizer(num_items_in_batch, targets)
+        normalizer, reg_scale = loss_normalizer(num_items_in_batch, targets, self.distill_config.ignore_index,
+                                                self.loss_fn.log_vars is not None)
         mode = cfg.log_components
         record = training and mode != "off" and (
             mode == "all" or (mode == "auto" and not logits_free) or self._is_logged_step())
@@ -366,6 +370,7 @@ class DistillationTrainer(Trainer):
             kl_weight, ce_weight = self._token_weights(target_spans, sample_weight)
             t_w = t_head.weight if t_head is not None else None
             t_b = t_head.bias if t_head is not None else None
+            (s_scale, s_cap), (t_scale, t_cap) = (logit_transform(self._unwrap(m)) for m in (model, self.teacher_model))
             loss = fused_linear_distill_loss(
                 hidden, head.weight, t_hidden, t_w, targets, student_bias=head.bias, teacher_bias=t_b,
                 divergence=cfg.divergence, beta=cfg.beta, skew=cfg.skew, alpha_beta=cfg.alpha_beta,
@@ -373,42 +378,21 @@ class DistillationTrainer(Trainer):
                 temperature_scaling=cfg.temperature_scaling, kl_weight=kl_weight, ce_weight=ce_weight,
                 ignore_index=cfg.ignore_index, reduction="mean", normalizer=normalizer, backend=cfg.backend,
                 check_labels=cfg.check_labels, vocab_mismatch=cfg.vocab_mismatch, chunk_size=cfg.chunk_size,
+                student_logit_scale=s_scale, student_softcap=s_cap, teacher_logit_scale=t_scale, teacher_softcap=t_cap,
                 divergence_on_ignored=True)  # span ids decide, exactly as SpanDistillationLoss
             if self.loss_fn.log_vars is not None:
                 loss = loss + reg_scale * self.loss_fn.regularizer()
             if record:
                 self._record(hidden_state_components(cfg, self.loss_fn, hidden, head, t_hidden, t_head, targets,
-                                                     target_spans))
+                                                     target_spans, (s_scale, s_cap, t_scale, t_cap)))
         else:
             loss = self.loss_fn(outputs.logits, teacher_logits, targets, target_spans, sample_weight=sample_weight,
                                 normalizer=normalizer, regularizer_scale=reg_scale)
             if record:
                 self._record(self.loss_fn.last_components)
 
-        loss = self._across_devices(loss, num_items_in_batch)
+        loss = scale_across_devices(self, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
-
-    def _normalizer(self, num_items_in_batch, targets: torch.Tensor):
-        """(the loss normalizer from num_items_in_batch or None, the scale of the learnable weights' regularizer)."""
-        if num_items_in_batch is None:
-            return None, 1.0
-        normalizer = (num_items_in_batch.clamp_min(1) if isinstance(num_items_in_batch, torch.Tensor)
-                      else max(num_items_in_batch, 1))
-        # The learnable weights' regularizer sum_k s_k belongs once to the whole (accumulated) batch: each
-        # micro-batch carries its share of the label tokens.
-        reg_scale = 1.0
-        if self.loss_fn.log_vars is not None:
-            local = (targets != self.distill_config.ignore_index).sum()
-            reg_scale = local.to(torch.float32) / (normalizer.to(torch.float32) if isinstance(normalizer, torch.Tensor)
-                                                   else float(normalizer))
-        return normalizer, reg_scale
-
-    def _across_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
-            # As Trainer.compute_loss: num_items_in_batch counts every process's tokens, DDP averages gradients.
-            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            loss = loss * (self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu)
-        return loss
 
     def _cached_teacher_loss(self, model, inputs, kwargs, targets, span_ids, target_spans, num_items_in_batch,
                              return_outputs):
@@ -420,12 +404,13 @@ class DistillationTrainer(Trainer):
         sample_weight = None
         if model.training and self.curriculum is not None:  # without teacher entropy (check_cache_config)
             sample_weight = self._curriculum_weights(span_ids, None, None)
-        normalizer, reg_scale = self._normalizer(num_items_in_batch, targets)
+        normalizer, reg_scale = loss_normalizer(num_items_in_batch, targets, self.distill_config.ignore_index,
+                                                self.loss_fn.log_vars is not None)
         loss = cached_teacher_loss(self, model, inputs, kwargs, targets, target_spans, sample_weight, normalizer,
                                    logits_free)
         if self.loss_fn.log_vars is not None:
             loss = loss + reg_scale * self.loss_fn.regularizer()
-        return self._across_devices(loss, num_items_in_batch)
+        return scale_across_devices(self, loss, num_items_in_batch)
 
     # ------------------------------------------------------------------ logging
 

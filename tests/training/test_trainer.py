@@ -76,15 +76,46 @@ def test_logits_free_and_logits_paths_agree(workspace, tmp_path, divergence):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_logits_path_when_the_head_is_not_plain(workspace, tmp_path):
+def _transforming(model, **config):
+    """`model` made to transform its logits after the head, as its config declares (Gemma's soft cap, Cohere's
+    scale): the logits-free path must apply the same transform to head(hidden)."""
+    forward = model.forward
+    for key, value in config.items():
+        setattr(model.config, key, value)
+
+    def transformed_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        logits = out.logits * config.get("logit_scale", 1.0)
+        cap = config.get("final_logit_softcapping")
+        out.logits = cap * torch.tanh(logits / cap) if cap else logits
+        return out
+    model.forward = transformed_forward
+    return model
+
+
+def test_logits_free_path_applies_the_models_logit_transforms(workspace, tmp_path):
     student, teacher = models(workspace)
-    teacher.config.final_logit_softcapping = 30.0  # a model that transforms its logits after the head
-    trainer = make_trainer(workspace, tmp_path, student, teacher)
-    assert not trainer.uses_logits_free()
-    trainer.compute_loss(student, batch_of(workspace, range(2)))
-    assert trainer.last_path == "logits"
+    batch = batch_of(workspace, range(4))
+    plain = make_trainer(workspace, tmp_path, student, teacher).compute_loss(student, batch)
+    _transforming(teacher, final_logit_softcapping=0.05)
+    _transforming(student, logit_scale=4.0)
+    results = {}
+    for mode in (True, False):
+        config = DistillationConfig(divergence="jsd", temperature=2.0, span_weights=SPAN_WEIGHTS, use_logits_free=mode)
+        trainer = make_trainer(workspace, tmp_path, student, teacher, config=config)
+        student.zero_grad()
+        loss = trainer.compute_loss(student, batch, num_items_in_batch=num_items(batch))
+        loss.backward()
+        assert trainer.last_path == ("logits_free" if mode else "logits")
+        results[mode] = (loss.detach(), [p.grad.clone() for p in student.parameters()])
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(float(results[True][0]) - float(plain.detach())) > 1e-3 * float(plain.detach())  # transforms matter
+    teacher.config.output_multiplier_scale = 2.0  # a transform the logits-free path does not know
+    assert not make_trainer(workspace, tmp_path, student, teacher).uses_logits_free()
     config = DistillationConfig(span_weights=SPAN_WEIGHTS, use_logits_free=True)
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    with pytest.raises(ValueError, match="output_multiplier_scale"):
         make_trainer(workspace, tmp_path, student, teacher, config=config).uses_logits_free()
 
 
