@@ -5,7 +5,7 @@
     distillkit demo [--smoke|--full] [--out DIR]                      agent distillation on a synthetic environment
     distillkit compare [--device cpu|cuda] [--json PATH] [--quick]   every backend vs the float64 reference
     distillkit bench [--run] [--plot out.png] [--results DIR]         benchmark results: table and figure
-    distillkit env                                                    what was built, which backends run here
+    distillkit env                                                    what was built, which backends run here, library versions
     distillkit kernels                                                compiled-kernel report (registers, spills)
 
 Each subcommand has its own --help.

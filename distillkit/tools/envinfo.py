@@ -5,11 +5,28 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from importlib import metadata
 
 import torch
 
 from .. import __version__
 from ..core import backends
+
+
+# The libraries distillkit plugs into (drop-ins, trainer, data) and reads from: their installed versions.
+INTEGRATIONS = ("transformers", "accelerate", "datasets", "tokenizers", "safetensors", "trl", "torchtune",
+                "liger-kernel", "peft", "deepspeed")
+
+
+def integration_versions() -> dict[str, str]:
+    """Installed version of each of INTEGRATIONS, from package metadata (nothing is imported)."""
+    out = {}
+    for name in INTEGRATIONS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def collect() -> dict:
@@ -34,6 +51,7 @@ def collect() -> dict:
             "built" if _ext.available() else "not built")
     except ImportError as e:
         info["extension"] = f"not available ({e})"
+    info["integrations"] = integration_versions()
     usable = {}
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         names = []
