@@ -37,7 +37,7 @@ from . import _checks, backends, divergences
 from .ops import input_gradients  # also registers torch.ops.distillkit.distill_rows*
 from ._checks import Weight, is_literal_zero
 from .divergences import NO_DIVERGENCE
-from .logit_transform import NO_TRANSFORMS, check_transform, transform_grad, transform_logits
+from .logit_transform import check_transform, transform_grad, transform_logits
 from ._reduce import count_active_tokens, mask_ignored_tokens, valid_labels
 from .vocab import check_policy, shared_vocab_size
 
@@ -223,48 +223,53 @@ def _(grad_div, grad_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, label
     return grad_shapes(hidden, weight, True, grad_weight_fp32, need_hidden, need_weight, need_bias)
 
 
-def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, t_hidden, t_weight, t_bias, labels, coef_div, coef_ce, divergence, param_a, param_b,
-     temperature,
-     ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, _need_h, _need_w, _need_b,
-     *transforms) = inputs
+def save_for_fused_backward(ctx, inputs, output, reduce: bool, options: tuple, transforms: tuple = ()) -> None:
+    """The autograd context of a fused-linear op (this one, distillkit::fused_linear_topk): its inputs start
+    with (hidden, weight, bias, three teacher tensors, labels, coef_div, coef_ce), in the order of its
+    backward op's, and its outputs are (loss, D, ce, grad_hidden, grad_weight, grad_bias)."""
+    hidden, weight, bias = inputs[:3]
     _, div, ce, gh, gw, gb = output
-    ctx.reduce = reduce
-    ctx.options = (divergence, param_a, param_b, temperature, ignore_index, with_ce, backend, chunk_size,
-                   grad_weight_fp32)
-    ctx.transforms = tuple(transforms) or NO_TRANSFORMS  # (student scale, softcap, teacher scale, softcap)
+    ctx.reduce, ctx.options, ctx.transforms = reduce, options, tuple(transforms)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
     if reduce:
         ctx.save_for_backward(div, ce, gh, gw, gb)
-    else:
-        ctx.save_for_backward(div, ce, coef_div, coef_ce, hidden, weight, bias, t_hidden, t_weight, t_bias,
-                              labels)
+    else:  # the backward op recomputes the chunks from the inputs
+        ctx.save_for_backward(div, ce, inputs[7], inputs[8], *inputs[:7])
     ctx.mark_non_differentiable(div, ce, gh, gw, gb)
 
 
-def _backward(ctx, grad_loss, *_unused):
+def fused_backward(ctx, grad_loss, op, backward_op):
+    """The input gradients of fused-linear op `op`: the forward's gradients times grad_output (reduced), or
+    `backward_op` with per-row coefficients grad_output * coef (reduction "none"); grad_output * (D, ce) for the
+    coefficients."""
     need = ctx.needs_input_grad
-    h_dtype, w_dtype, b_dtype = ctx.dtypes
     if ctx.reduce:
         div, ce, gh, gw, gb = ctx.saved_tensors
-        g_hidden = (grad_loss * gh).to(h_dtype) if need[0] else None
-        g_weight = (grad_loss * gw).to(w_dtype) if need[1] else None
-        g_bias = (grad_loss * gb).to(b_dtype) if ctx.has_bias and need[2] else None
+        gh, gw, gb = grad_loss * gh, grad_loss * gw, grad_loss * gb
     else:
-        div, ce, coef_div, coef_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels = ctx.saved_tensors
+        div, ce, coef_div, coef_ce, *inputs = ctx.saved_tensors
         g_div = torch.where(coef_div != 0, grad_loss * coef_div, 0.0)
         g_ce = torch.where(coef_ce != 0, grad_loss * coef_ce, 0.0)
-        gh, gw, gb = fused_linear_distill_backward(
-            g_div, g_ce, hidden, weight, bias, t_hidden, t_weight, t_bias, labels, *ctx.options,
-            bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2]), *ctx.transforms)
-        g_hidden = gh.to(h_dtype) if need[0] else None
-        g_weight = gw.to(w_dtype) if need[1] else None
-        g_bias = gb.to(b_dtype) if ctx.has_bias and need[2] else None
-    g_coef_div = grad_loss * div if need[7] else None
-    g_coef_ce = grad_loss * ce if need[8] else None
-    return input_gradients(fused_linear_distill, hidden=g_hidden, weight=g_weight, bias=g_bias, coef_div=g_coef_div,
-                           coef_ce=g_coef_ce)
+        gh, gw, gb = backward_op(g_div, g_ce, *inputs, *ctx.options, bool(need[0]), bool(need[1]),
+                                 bool(ctx.has_bias and need[2]), *ctx.transforms)
+    h_dtype, w_dtype, b_dtype = ctx.dtypes
+    return input_gradients(
+        op, hidden=gh.to(h_dtype) if need[0] else None, weight=gw.to(w_dtype) if need[1] else None,
+        bias=gb.to(b_dtype) if ctx.has_bias and need[2] else None,
+        coef_div=grad_loss * div if need[7] else None, coef_ce=grad_loss * ce if need[8] else None)
+
+
+def _setup_context(ctx, inputs, output):
+    (*_, divergence, param_a, param_b, temperature, ignore_index, with_ce, backend, chunk_size, reduce,
+     grad_weight_fp32, _need_h, _need_w, _need_b, s_scale, s_cap, t_scale, t_cap) = inputs  # the defaults filled in
+    save_for_fused_backward(ctx, inputs, output, reduce, (divergence, param_a, param_b, temperature, ignore_index,
+                                                          with_ce, backend, chunk_size, grad_weight_fp32),
+                            (s_scale, s_cap, t_scale, t_cap))
+
+
+def _backward(ctx, grad_loss, *_unused):
+    return fused_backward(ctx, grad_loss, fused_linear_distill, fused_linear_distill_backward)
 
 
 fused_linear_distill.register_autograd(_backward, setup_context=_setup_context)

@@ -11,9 +11,7 @@ from torch import Tensor
 
 from ._checks import check_number
 
-__all__ = ["NO_TRANSFORMS", "transform_logits", "transform_grad", "check_transform"]
-
-NO_TRANSFORMS = (1.0, 0.0, 1.0, 0.0)  # (student scale, softcap, teacher scale, softcap): plain heads
+__all__ = ["transform_logits", "transform_grad", "check_transform"]
 
 
 def transform_logits(z: Tensor, scale: float, softcap: float) -> Tensor:

@@ -18,8 +18,7 @@ from torch import Tensor
 
 from ..core import _checks
 from ..core.fused_linear import (check_linear, chunk_loop, combine_rows, default_chunk_size, fake_outputs,
-                                 grad_shapes, loss_coefficients)
-from ..core.ops import input_gradients
+                                 fused_backward, grad_shapes, loss_coefficients, save_for_fused_backward)
 from ..core._checks import Weight
 from .topk import prepare_topk_terms
 from .topk_ops import topk_rows, topk_rows_backward  # noqa: F401  (registers torch.ops.distillkit.topk_rows*)
@@ -85,37 +84,14 @@ def _(grad_div, grad_ce, hidden, weight, bias, ids, teacher_lp, teacher_rest, la
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, ids, teacher_lp, teacher_rest, labels, coef_div, coef_ce, divergence, tail, temperature,
-     ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32, *_) = inputs
-    _, div, ce, gh, gw, gb = output
-    ctx.reduce = reduce
-    ctx.options = (divergence, tail, temperature, ignore_index, with_ce, backend, chunk_size, grad_weight_fp32)
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.has_bias = bias is not None
-    if reduce:
-        ctx.save_for_backward(div, ce, gh, gw, gb)
-    else:
-        ctx.save_for_backward(div, ce, coef_div, coef_ce, hidden, weight, bias, ids, teacher_lp, teacher_rest, labels)
-    ctx.mark_non_differentiable(div, ce, gh, gw, gb)
+    (*_, divergence, tail, temperature, ignore_index, with_ce, backend, chunk_size, reduce, grad_weight_fp32,
+     _need_h, _need_w, _need_b) = inputs
+    save_for_fused_backward(ctx, inputs, output, reduce, (divergence, tail, temperature, ignore_index, with_ce,
+                                                          backend, chunk_size, grad_weight_fp32))
 
 
 def _backward(ctx, grad_loss, *_unused):
-    need = ctx.needs_input_grad
-    h_dtype, w_dtype, b_dtype = ctx.dtypes
-    if ctx.reduce:
-        div, ce, gh, gw, gb = ctx.saved_tensors
-        gh, gw, gb = grad_loss * gh, grad_loss * gw, grad_loss * gb
-    else:
-        div, ce, coef_div, coef_ce, hidden, weight, bias, ids, teacher_lp, teacher_rest, labels = ctx.saved_tensors
-        g_div = torch.where(coef_div != 0, grad_loss * coef_div, 0.0)
-        g_ce = torch.where(coef_ce != 0, grad_loss * coef_ce, 0.0)
-        gh, gw, gb = fused_linear_topk_backward(g_div, g_ce, hidden, weight, bias, ids, teacher_lp, teacher_rest,
-                                                labels, *ctx.options, bool(need[0]), bool(need[1]),
-                                                bool(ctx.has_bias and need[2]))
-    return input_gradients(
-        fused_linear_topk, hidden=gh.to(h_dtype) if need[0] else None, weight=gw.to(w_dtype) if need[1] else None,
-        bias=gb.to(b_dtype) if ctx.has_bias and need[2] else None,
-        coef_div=grad_loss * div if need[7] else None, coef_ce=grad_loss * ce if need[8] else None)
+    return fused_backward(ctx, grad_loss, fused_linear_topk, fused_linear_topk_backward)
 
 
 fused_linear_topk.register_autograd(_backward, setup_context=_setup_context)
