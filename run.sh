@@ -33,7 +33,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
     # The extension builds against the installed torch, so torch comes first and the
     # package is built without build isolation (which would fetch a second torch).
     python -m pip install --quiet "torch>=2.6" "setuptools>=77" wheel
-    python -m pip install --quiet --no-build-isolation -e ".[test,train,plot,collect]"
+    python -m pip install --quiet --no-build-isolation -e ".[test,train,plot,collect,dropins]"
+    # torchtune's KD losses (tests/compat) need torch only; its own dependencies pin what we don't use.
+    python -m pip install --quiet --no-deps "torchtune>=0.6"
     echo "$digest" > "$stamp"
 fi
 

@@ -1,14 +1,7 @@
-"""The ``distillkit`` command: train, cache-teacher, demo, compare, bench, env, kernels.
+"""The ``distillkit`` command: one subcommand per entry of COMMANDS, each with its own --help.
 
-    distillkit train --config run.yaml [--resume] [--set KEY=VALUE]   distill a teacher into a student (YAML)
-    distillkit cache-teacher --config run.yaml --out DIR --k K        run the teacher once: a top-k/sampled cache
-    distillkit demo [--smoke|--full] [--out DIR]                      agent distillation on a synthetic environment
-    distillkit compare [--device cpu|cuda] [--json PATH] [--quick]   every backend vs the float64 reference
-    distillkit bench [--run] [--plot out.png] [--results DIR]         benchmark results: table and figure
-    distillkit env                                                    what was built, which backends run here, library versions
-    distillkit kernels                                                compiled-kernel report (registers, spills)
-
-Each subcommand has its own --help.
+`distillkit --help` lists every command on one line (COMMANDS' one-liner) and how each is usually
+called (USAGE); both come from the tables below, so a new command goes into both.
 """
 
 from __future__ import annotations
@@ -17,21 +10,51 @@ import argparse
 import importlib
 import sys
 
+# name -> (module with main(argv), one-line description). Keep the line short: `--help` fits 80 columns.
 COMMANDS = {
     "train": ("distillkit.training.cli", "distill a teacher into a student from a YAML config"),
-    "cache-teacher": ("distillkit.training.cache_cli",
-                      "run the teacher once over the training data: a top-k or sampled teacher cache"),
-    "demo": ("distillkit.demo.cli", "end-to-end agent distillation on a synthetic tool-use environment"),
-    "compare": ("distillkit.tools.compare",
-                "every available backend against the float64 reference (exit 1 on failure)"),
-    "bench": ("distillkit.tools.bench.report", "run or read the benchmark suite; print a table, draw a comparison"),
-    "env": ("distillkit.tools.envinfo", "what was built and which backends run here"),
-    "kernels": ("distillkit.tools.kernel_report", "register and spill report of the compiled kernels"),
+    "cache-teacher": ("distillkit.training.cache_cli", "run the teacher once: a top-k or sampled cache"),
+    "demo": ("distillkit.demo.cli", "agent distillation on a synthetic tool-use environment"),
+    "compare": ("distillkit.tools.compare", "every backend vs the float64 reference (exit 1 on failure)"),
+    "bench": ("distillkit.tools.bench.report", "run or read the benchmarks: tables and a figure"),
+    "env": ("distillkit.tools.envinfo", "what was built, which backends run here, versions"),
+    "kernels": ("distillkit.tools.kernel_report", "compiled-kernel report: registers, spills, occupancy"),
+}
+# name -> the usual arguments (the epilog of `distillkit --help`).
+USAGE = {
+    "train": "--config run.yaml [--resume] [--set KEY=VALUE]",
+    "cache-teacher": "--config run.yaml --out DIR --k K [--mode topk|sample] [--resume]",
+    "demo": "[--smoke|--full] [--out DIR]",
+    "compare": "[--device cpu|cuda] [--json PATH] [--quick]",
+    "bench": "[--run [--size quick|default|full] [--verbose]] [--plot PNG] [--markdown]",
+    "env": "",
+    "kernels": "[--check] [--json PATH] [--no-cuda]",
 }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The command list one line per command: the help column starts after the longest name (argparse
+    measures the subcommands one indent short, and would put the longest one's help on the next line)."""
+
+    def __init__(self, prog: str):
+        longest = max(map(len, COMMANDS))
+        super().__init__(prog, max_help_position=longest + 6)
+        self._action_max_length = longest + 4  # the names are listed 4 columns in
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "\n".join(["usage of each command (details: distillkit COMMAND --help):",
+                        *(f"  distillkit {name} {USAGE.get(name, '')}".rstrip() for name in COMMANDS)])
+    parser = argparse.ArgumentParser(prog="distillkit", formatter_class=_HelpFormatter, epilog=epilog,
+                                     description=f"The distillkit command: {', '.join(COMMANDS)}.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # the subcommand's own parser handles --help
+    return parser
+
+
 def _load(command: str):
-    module_name, _ = COMMANDS[command]
+    module_name = COMMANDS[command][0]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -44,12 +67,7 @@ def _load(command: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="distillkit", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n\n")[1].splitlines()))
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)  # the subcommand's own parser handles --help
+    parser = build_parser()
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()

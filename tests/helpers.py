@@ -67,6 +67,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn_and_wait(worker, args: tuple, nprocs: int, timeout_s: float, what: str = "workers") -> None:
+    """torch.multiprocessing.spawn(worker, args, nprocs); a failed worker re-raises here, and one still
+    running after timeout_s fails the test (every worker is killed on the way out)."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1):  # raises ProcessRaisedException if a worker failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {what} did not finish in {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
 @contextlib.contextmanager
 def worker_process():
     """The body of a spawned worker. On an exception: destroy the process group (if any) and re-raise,

@@ -1,5 +1,8 @@
 """TRL's GKD loss on the fused op: `generalized_jsd_loss` and a one-line patch for `GKDTrainer`.
 
+TRL's `DistillationTrainer` (TRL >= 1.16) loss is in `distillkit.compat.trl_distillation`, re-exported here:
+`chunked_divergence_loss`, `patch_distillation_trainer()`, `unpatch_distillation_trainer()`.
+
     from distillkit.compat.trl import patch_gkd_trainer
     trainer = patch_gkd_trainer(GKDTrainer(...))      # or patch_gkd_trainer(GKDTrainer): the class
     trainer.train()
@@ -12,7 +15,8 @@
   generalized JSD  beta KL(p || m) + (1 - beta) KL(q || m)  with  m = beta p + (1 - beta) q.
   TRL's beta is the teacher's weight in the mixture, which is exactly distillkit's `jsd` beta, so
   the three cases map onto `forward_kl`, `reverse_kl` and `jsd(beta)` (the limits beta -> 0 and
-  beta -> 1 of the JSD are 0, not the KLs: TRL special-cases the endpoints, and so does this).
+  beta -> 1 of the JSD are 0, not the KLs: TRL special-cases the endpoints, and so does this;
+  the mapping is `trl_beta_divergence`, shared with the DistillationTrainer loss).
 - labels: positions with label -100 are left out (the mask is always `labels != -100`).
 - num_items_in_batch (when not None) overrides the reduction: sum / num_items_in_batch.
 - reduction "batchmean": sum / max(#unmasked tokens, 1) with labels, sum / max(size(0), 1) without
@@ -35,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.functional import distill_loss
+from .trl_distillation import (chunked_divergence_loss, patch_distillation_trainer, trl_beta_divergence,
+                               unpatch_distillation_trainer)
 
 _FUSED_REDUCTIONS = ("batchmean", "sum", "mean")
 
@@ -64,10 +70,9 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
 
 def _generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature, reduction,
                           num_items_in_batch, *, backend: str):
+    options = trl_beta_divergence(beta)
     beta = float(beta)
     temperature = float(temperature)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1]; got {beta}")
     out_dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     mask = labels != -100 if labels is not None else None
 
@@ -75,12 +80,6 @@ def _generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperat
         jsd = _elementwise_jsd(student_logits, teacher_logits.detach(), beta, temperature)
         return jsd[mask] if mask is not None else jsd
 
-    if beta == 0:
-        options = dict(divergence="forward_kl")
-    elif beta == 1:
-        options = dict(divergence="reverse_kl")
-    else:
-        options = dict(divergence="jsd", beta=beta)
     kl_weight = mask.to(torch.float32) if mask is not None else 1.0
     total = distill_loss(student_logits, teacher_logits, None, temperature=temperature, temperature_scaling=False,
                          kl_weight=kl_weight, reduction="sum", backend=backend, **options)
@@ -124,4 +123,5 @@ def patch_gkd_trainer(trainer_or_class=None, *, backend: str = "auto"):
     return trainer_or_class
 
 
-__all__ = ["generalized_jsd_loss", "patch_gkd_trainer"]
+__all__ = ["generalized_jsd_loss", "patch_gkd_trainer", "chunked_divergence_loss", "patch_distillation_trainer",
+           "unpatch_distillation_trainer"]

@@ -22,7 +22,9 @@ per-row coefficients grad_output * coef.
 
 Memory: chunk logits, chunk gradient, the fp32 hidden-gradient [N, H] and weight-gradient [V, H]
 buffers; no [N, V] tensor. Everything is a custom op (opaque to torch.compile, fake implementations
-for shape propagation) with no host-device synchronization (the optional label range check aside).
+for shape propagation). Rows with no active term (coefficients both 0: prompts, tool output) skip both
+GEMMs and the row op (`row_compaction.py`): that costs the one host-device synchronization of an eager
+call (the optional label range check aside); under torch.compile nothing is compacted or synchronized.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from . import _checks, backends, divergences
 from .ops import input_gradients  # also registers torch.ops.distillkit.distill_rows*
 from ._checks import Weight, is_literal_zero
 from .divergences import NO_DIVERGENCE
+from .dtensor import full_heads
 from .logit_transform import check_transform, transform_grad, transform_logits
+from .row_compaction import active_rows, put_rows, take_rows
 from ._reduce import count_active_tokens, mask_ignored_tokens, valid_labels
 from .vocab import check_policy, shared_vocab_size
 
@@ -329,7 +333,7 @@ def fused_linear_distill_loss(
     check_labels: bool = True, vocab_mismatch: str = "error", chunk_size: Optional[int] = None,
     max_chunk_bytes: int = 256 * 2**20, grad_weight_fp32: bool = True, divergence_on_ignored: bool = False,
     student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None, compact_rows: bool = True,
 ) -> Tensor:
     """`distill_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T +
     teacher_bias, labels, ...)` without materializing the [N, V] logits.
@@ -352,6 +356,9 @@ def fused_linear_distill_loss(
             head's output: logits = softcap * tanh(scale * (h W^T + b) / softcap), or scale * (h W^T + b) without
             a softcap (Gemma 2/3: softcap = final_logit_softcapping; Cohere: scale = logit_scale; Granite:
             scale = 1 / logits_scaling). Applied per chunk, in fp32, with the exact gradient.
+        compact_rows: run only the rows with a non-zero divergence or CE coefficient (same results; the others
+            get exactly 0 gradient). One host-device synchronization per call finds them; False (or
+            torch.compile) runs every row with none.
     Returns:
         The loss in float32: a scalar, or the leading shape for reduction="none".
     """
@@ -360,6 +367,9 @@ def fused_linear_distill_loss(
     transforms = (*check_transform("student", student_logit_scale, student_softcap),
                   *check_transform("teacher", teacher_logit_scale, teacher_softcap))
     check_policy(vocab_mismatch)
+    # DTensor heads (FSDP2, TP) gathered once, the student's with an averaged gradient (core/dtensor.py).
+    student_weight, student_bias, teacher_weight, teacher_bias = full_heads(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     lead, hidden_size = student_hidden.shape[:-1], student_hidden.shape[-1]
     vocab, device = student_weight.shape[0], student_hidden.device
@@ -408,19 +418,21 @@ def fused_linear_distill_loss(
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
 
+    rows = active_rows(coef_div.reshape(n), coef_ce.reshape(n), valid.reshape(n) if with_ce else None,
+                       compact_rows)  # None: every row
     grad_on = torch.is_grad_enabled()
     loss, *_ = fused_linear_distill(
-        student_hidden.reshape(n, hidden_size), student_weight, student_bias,
-        teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1]) if with_div else None,
+        take_rows(rows, student_hidden.reshape(n, hidden_size)), student_weight, student_bias,
+        take_rows(rows, teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])) if with_div else None,
         teacher_weight.detach() if with_div else None,
         teacher_bias.detach() if teacher_bias is not None else None,
-        labels.reshape(n).long() if with_ce else None,
-        coef_div.reshape(n), coef_ce.reshape(n),
+        take_rows(rows, labels.reshape(n).long()) if with_ce else None,
+        take_rows(rows, coef_div.reshape(n)), take_rows(rows, coef_ce.reshape(n)),
         divergences.IDS[divergence] if with_div else NO_DIVERGENCE, *divergences.kernel_params(divergence, options),
         float(temperature), int(ignore_index), bool(with_ce), backends.resolve(backend, device, student_hidden.dtype),
         int(chunk_size),
         reduction != "none", bool(grad_weight_fp32),
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad, *transforms)
-    return loss if reduction != "none" else loss.reshape(lead)
+    return loss if reduction != "none" else put_rows(rows, loss, n).reshape(lead)
 

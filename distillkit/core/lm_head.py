@@ -10,6 +10,7 @@ so that data-parallel gradient hooks fire.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Optional
 
 import torch
@@ -26,12 +27,23 @@ UNSUPPORTED_TRANSFORMS = ("output_multiplier_scale",)
 HEAD_CHECK_TOLERANCE = 5e-2
 
 
+def _is_plain_linear(head) -> bool:
+    """nn.Linear itself, or the class FSDP2's fully_shard swaps in for a head sharded as its own unit
+    (FSDPLinear(FSDPModule, nn.Linear): the same forward; its DTensor weight is gathered by the op)."""
+    if type(head) is nn.Linear:
+        return True
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    return fsdp_module is not None and isinstance(head, fsdp_module) and type(head).__bases__ == (fsdp_module,
+                                                                                                  nn.Linear)
+
+
 def head_problem(model: nn.Module) -> Optional[str]:
     """Why `model` cannot feed the logits-free op (None if it can)."""
     if not hasattr(model, "get_output_embeddings") or not hasattr(model, "get_decoder"):
         return f"{type(model).__name__} has no get_output_embeddings()/get_decoder()"
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
+    if not _is_plain_linear(head):
         return f"{type(model).__name__}'s output embedding is {type(head).__name__}, not a plain nn.Linear"
     if head.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"the logits-free op takes fp32/bf16/fp16 LM heads, not {head.weight.dtype}"

@@ -42,9 +42,12 @@ def format_table(report: dict) -> str:
                     + f"{_num(calib.get('ece')):>7}{_num(calib.get('ece_vs_teacher')):>7}"
                     + f"{(_pct(escalation) if escalation is not None else '-'):>8}")
 
+    offline = res.get("offline_topk")
     for name, label in (("teacher", "teacher"), ("distilled", "student, distilled (span KD)"),
+                        ("offline_topk", f"student, offline top-k (K={offline['cache']['k']})" if offline else ""),
                         ("sft", "student, SFT baseline"), ("tiny", "tiny, distilled")):
-        row(label[:30], res[name], params[name], res[name]["calibration"])
+        if name in res:
+            row(label[:30], res[name], params[name], res[name]["calibration"])
     for name, label in (("distilled", "distilled + fallback"), ("sft", "SFT + fallback")):
         fb = report["fallback"][name]
         point = fb["test_at_threshold"]
@@ -58,6 +61,11 @@ def format_table(report: dict) -> str:
     share = casc["test"]["tier_share"]
     rows.append("cascade tiny/distilled/teacher share of steps: "
                 + " / ".join(_pct(s).strip() for s in share))
+    if offline:
+        cache = offline["cache"]
+        rows.append(f"offline top-k: trained from a top-{cache['k']} teacher cache of {cache['tokens']} tokens, "
+                    f"{cache['bytes'] / 2**20:.2f} MiB ({cache['bytes_per_token']:.0f} bytes/token; the dense "
+                    f"logits would take {4 * report['data']['vocab_size']} bytes/token in fp32)")
     rows.append("")
     rows.append("goals (reported as measured):")
     for name, goal in report["goals"].items():
@@ -93,10 +101,10 @@ def plot(report: dict, path: Path) -> None:
 
     ax = axes[1]
     steps = sorted(res["teacher"]["success_by_steps"])
-    names = ["teacher", "distilled", "sft", "tiny"]
+    names = [name for name in ("teacher", "distilled", "offline_topk", "sft", "tiny") if name in res]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        ax.bar([int(k) + (i - 1.5) * width for k in steps],
+        ax.bar([int(k) + (i - (len(names) - 1) / 2) * width for k in steps],
                [100 * res[name]["success_by_steps"][k] for k in steps], width, label=name)
     ax.set_xticks([int(k) for k in steps])
     ax.set_xlabel("tool calls needed")
@@ -106,7 +114,7 @@ def plot(report: dict, path: Path) -> None:
 
     ax = axes[2]
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":")
-    for name in ("teacher", "distilled", "sft", "tiny"):
+    for name in (name for name in ("teacher", "distilled", "offline_topk", "sft", "tiny") if name in res):
         rel = res[name]["calibration"]["reliability"]
         if rel:
             ax.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], "o-",
@@ -133,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "gain little from more, and lose a lot when the cores are shared)")
     parser.add_argument("--teacher-steps", type=int, help="override the preset's teacher training steps")
     parser.add_argument("--student-steps", type=int, help="override the preset's student training steps")
-    parser.add_argument("--jobs", type=int, default=3,
-                        help="students trained at the same time, in forked processes of one thread each "
-                             "(default 3: all of them; 1 trains them one after the other, same results)")
+    parser.add_argument("--jobs", type=int, default=4,
+                        help="forked processes of one thread each that train the students and evaluate the "
+                             "agents at the same time (default 4: every student at once; 1 runs everything "
+                             "in this process, one after the other, with the same results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 

@@ -164,31 +164,38 @@ def cascade_cost(summary: dict, tier_calls: Sequence[float], params: Sequence[in
     return sum(c * p for c, p in zip(tier_calls, params)) / params[-1]
 
 
+def cascade_point(tiers: Sequence[LMPolicy], thresholds: Sequence[float], tasks: Sequence[Task], tools: Mapping,
+                  max_steps: int = 8) -> dict:
+    """One setting of a cascade's thresholds on a validation split: success, tier shares and cost (parameters
+    of every tier tried per step, relative to the last tier)."""
+    params = [t.num_parameters for t in tiers]
+    episodes = run_agent(tiers, thresholds, tasks, tools, max_steps)
+    summary = summarize(tasks, episodes, len(tiers))
+    steps = max(1, summary["steps"])
+    tried = [0.0] * len(tiers)
+    for e in episodes:
+        for s in e.steps:
+            for i in range(len(s.confidences)):
+                tried[i] += 1
+    tried = [c / steps for c in tried]
+    return {"thresholds": list(thresholds), "success": summary["success"], "tier_share": summary["tier_share"],
+            "tier_calls_per_step": tried, "cost": cascade_cost(summary, tried, params)}
+
+
+def pick_cascade(points: Sequence[dict], target: float) -> list[float]:
+    """The cheapest setting whose success reaches ``target``; if none does, the most successful one."""
+    ok = [r for r in points if r["success"] >= target - 1e-12]
+    best = min(ok, key=lambda r: (r["cost"], -r["success"])) if ok else max(
+        points, key=lambda r: (r["success"], -r["cost"]))
+    return best["thresholds"]
+
+
 def search_cascade(tiers: Sequence[LMPolicy], tasks: Sequence[Task], tools: Mapping, grid: Sequence[float],
                    target: float, max_steps: int = 8, bar=None) -> tuple[list[float], list[dict]]:
-    """Grid search of the thresholds of a cascade on a validation split.
-
-    Cost of a setting: parameters of every tier tried per step (relative to the last tier). Picks the
-    cheapest setting whose success reaches ``target``; if none does, the most successful one.
-    """
-    params = [t.num_parameters for t in tiers]
+    """Grid search of the thresholds of a cascade on a validation split (cascade_point, pick_cascade)."""
     results = []
     for combo in itertools.product(grid, repeat=len(tiers) - 1):
-        episodes = run_agent(tiers, combo, tasks, tools, max_steps)
-        summary = summarize(tasks, episodes, len(tiers))
-        steps = max(1, summary["steps"])
-        tried = [0.0] * len(tiers)
-        for e in episodes:
-            for s in e.steps:
-                for i in range(len(s.confidences)):
-                    tried[i] += 1
-        tried = [c / steps for c in tried]
-        results.append({"thresholds": list(combo), "success": summary["success"],
-                        "tier_share": summary["tier_share"], "tier_calls_per_step": tried,
-                        "cost": cascade_cost(summary, tried, params)})
+        results.append(cascade_point(tiers, combo, tasks, tools, max_steps))
         if bar is not None:
             bar.update(1)
-    ok = [r for r in results if r["success"] >= target - 1e-12]
-    best = min(ok, key=lambda r: (r["cost"], -r["success"])) if ok else max(
-        results, key=lambda r: (r["success"], -r["cost"]))
-    return best["thresholds"], results
+    return pick_cascade(results, target), results

@@ -3,7 +3,9 @@
 Every model is trained by the same small loop with :class:`distillkit.SpanDistillationLoss`
 (the product's loss): the teacher and the SFT student with cross-entropy only, the
 distilled students with KL to the teacher's logits on reasoning, KL + CE on actions and
-answers, and nothing on prompts and observations.
+answers, and nothing on prompts and observations. The offline student has the same span
+weights against the teacher's top-k log-probabilities read back from a teacher cache
+(:class:`TopKSpanLoss`, :func:`distillkit.sparse.distill_loss_topk`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..agents.agent import ReActFormat, encode_trajectory
-from ..core.modules import SpanDistillationLoss
+from ..core.modules import SpanDistillationLoss, span_token_weights
 from ..core.spans import PAD_SPAN
+from ..sparse.topk import distill_loss_topk
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>"]
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
@@ -71,33 +74,47 @@ class Example:
     ids: list[int]
     spans: list[int]
     teacher_logits: Optional[torch.Tensor] = None  # [len(ids) - 1, V], predictions of ids[1:]
+    teacher_topk: Optional[tuple] = None  # (ids [len(ids) - 1, K] int64, logprobs [len(ids) - 1, K]) from a cache
 
 
 def encode_examples(tokenizer, trajectories: Sequence[Mapping], fmt: ReActFormat = ReActFormat()) -> list[Example]:
     return [Example(*encode_trajectory(tokenizer, t, fmt)) for t in trajectories]
 
 
-def collate(examples: Sequence[Example], with_teacher: bool = False):
-    """Batch tensors: input ids, attention mask, next-token labels and span ids (span of the target)."""
+TEACHER_SOURCES = ("none", "logits", "topk")
+
+
+def collate(examples: Sequence[Example], teacher: str = "none"):
+    """Batch tensors: input ids, attention mask, next-token labels, span ids (span of the target) and the
+    teacher's targets: None, its logits [B, W - 1, V], or its cached top-k (ids, logprobs) [B, W - 1, K]
+    (id -1 at padding: no teacher signal there)."""
+    if teacher not in TEACHER_SOURCES:
+        raise ValueError(f"teacher must be one of {TEACHER_SOURCES}; got {teacher!r}")
     width = max(len(e.ids) for e in examples)
     size = len(examples)
     ids = torch.full((size, width), PAD_ID, dtype=torch.long)
     mask = torch.zeros(size, width, dtype=torch.long)
     labels = torch.full((size, width - 1), -100, dtype=torch.long)
     spans = torch.full((size, width - 1), PAD_SPAN, dtype=torch.long)
-    teacher = None
-    if with_teacher:
-        vocab = examples[0].teacher_logits.shape[-1]
-        teacher = torch.zeros(size, width - 1, vocab)
+    if teacher == "logits":
+        targets = torch.zeros(size, width - 1, examples[0].teacher_logits.shape[-1])
+    elif teacher == "topk":
+        k = examples[0].teacher_topk[0].shape[-1]
+        targets = (torch.full((size, width - 1, k), -1, dtype=torch.long),
+                   torch.full((size, width - 1, k), -math.inf))
+    else:
+        targets = None
     for row, ex in enumerate(examples):
         n = len(ex.ids)
         ids[row, :n] = torch.tensor(ex.ids)
         mask[row, :n] = 1
         labels[row, :n - 1] = torch.tensor(ex.ids[1:])
         spans[row, :n - 1] = torch.tensor(ex.spans[1:])
-        if with_teacher:
-            teacher[row, :n - 1] = ex.teacher_logits
-    return ids, mask, labels, spans, teacher
+        if teacher == "logits":
+            targets[row, :n - 1] = ex.teacher_logits
+        elif teacher == "topk":
+            targets[0][row, :n - 1], targets[1][row, :n - 1] = ex.teacher_topk
+    return ids, mask, labels, spans, targets
 
 
 @torch.no_grad()
@@ -116,6 +133,39 @@ def attach_teacher_logits(teacher, examples: Sequence[Example], batch_size: int 
             progress(len(chunk))
 
 
+def attach_teacher_topk(cache, examples: Sequence[Example]) -> None:
+    """Read every example's top-k rows back from a TeacherCache written over `[ex.ids for ex in examples]`
+    (the rows of positions 0 .. n-2, which predict ids[1:])."""
+    if len(cache) != len(examples):
+        raise ValueError(f"the cache holds {len(cache)} examples, the students train on {len(examples)}")
+    for i, ex in enumerate(examples):
+        ids, logprobs = cache.example(i)
+        ex.teacher_topk = (ids[:len(ex.ids) - 1].long(), logprobs[:len(ex.ids) - 1].float())
+
+
+class TopKSpanLoss(SpanDistillationLoss):
+    """SpanDistillationLoss's span table against a top-k teacher: forward(logits, (ids, logprobs), labels, spans).
+
+    The divergence runs over the cached ids plus one "rest" category holding each side's remaining mass (tail
+    "bucket", the trainer's default for a top-k cache; with "renormalize" the student's mass outside the
+    cached ids is free, and on reasoning spans, where the divergence is the only term, the demo's student
+    put it on wrong tokens: 8.3% success); the span ids alone decide where it applies, as in the dense loss."""
+
+    def __init__(self, span_weights, *, tail: str = "bucket", teacher_temperature: float = 1.0, **options):
+        super().__init__(span_weights, **options)
+        self.tail, self.teacher_temperature = tail, teacher_temperature
+
+    def forward(self, student_logits, teacher_topk, labels, span_ids, *, normalizer=None):
+        per_token = span_token_weights(self.effective_table(), span_ids)
+        options = {k: v for k, v in self.term_options.items() if k in ("divergence", "temperature", "ignore_index",
+                                                                       "backend", "check_labels")}
+        return distill_loss_topk(student_logits, *teacher_topk, labels, tail=self.tail,
+                                 teacher_temperature=self.teacher_temperature, kl_weight=per_token[..., 0],
+                                 ce_weight=per_token[..., 1], temperature_scaling=self.temperature_scaling,
+                                 reduction=self.reduction, normalizer=normalizer, divergence_on_ignored=True,
+                                 **options)
+
+
 SFT_WEIGHTS = {"reason": (0.0, 1.0), "action": (0.0, 1.0), "answer": (0.0, 1.0)}
 # KL on reasoning, KL + CE on actions and answers, nothing on prompts and observations; every
 # target token carries the same total weight (2). With (1, 0) on reasoning the reasoning tokens
@@ -124,20 +174,43 @@ SFT_WEIGHTS = {"reason": (0.0, 1.0), "action": (0.0, 1.0), "answer": (0.0, 1.0)}
 DISTILL_WEIGHTS = {"reason": (2.0, 0.0), "action": (1.0, 1.0), "answer": (1.0, 1.0)}
 
 
+def active_tokens(loss_fn: SpanDistillationLoss, examples: Sequence[Example]) -> torch.Tensor:
+    """The "mean" reduction's denominator for a batch of examples: target tokens whose span has a KL weight,
+    or a CE weight (every target here has a valid label)."""
+    spans = torch.cat([torch.tensor(ex.spans[1:], dtype=torch.long) for ex in examples])
+    per_token = span_token_weights(loss_fn.effective_table(), spans)
+    return ((per_token[:, 0] != 0) | (per_token[:, 1] != 0)).sum().to(torch.float32)
+
+
+def _part_gradients(model, part, teacher, loss_fn, normalizer, params):
+    ids, mask, labels, spans, targets = collate(part, teacher)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    loss = loss_fn(logits, targets, labels, spans, normalizer=normalizer)
+    return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+
 def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr: float,
-          loss_fn: SpanDistillationLoss, distill: bool = False, seed: int = 0, warmup: int = 20,
-          weight_decay: float = 0.01, bucket: int = 1, bar=None) -> list[float]:
+          loss_fn: SpanDistillationLoss, teacher: str = "none", seed: int = 0, warmup: int = 20,
+          weight_decay: float = 0.01, bucket: int = 1, batch_parts: int = 1, bar=None) -> list[float]:
     """AdamW with linear warm-up and cosine decay; batches drawn at random (the same draws for a seed).
 
-    distill=True passes the cached teacher logits to the loss; otherwise teacher_logits is None
-    (the span weights then have no KL term). bucket > 1 draws that many batches at once and groups
-    them by length (less padding, but batches of one difficulty: these tiny models then learn the
-    copying slower, so the demo keeps 1). Returns the loss per step.
+    teacher: what the loss gets as the teacher (see `collate`): "none" (the span weights then have
+    no KL term), "logits" (the examples' teacher logits) or "topk" (their cached top-k, for a TopKSpanLoss).
+    bucket > 1 draws that many batches at once and groups them by length (less padding, but batches of one
+    difficulty: these tiny models then learn the copying slower, so the demo keeps 1).
+    batch_parts > 1 splits each batch into that many parts, run on as many Python threads at once (torch
+    releases the GIL in its ops; one torch thread each): each part's loss is normalized by the whole
+    batch's token count, so that they add up to the batch's loss, and the parts' gradients are added in a
+    fixed order. The result does not depend on the machine's load (unlike torch's intra-op threads, whose
+    spinning also stalls on shared cores). Returns the loss per step.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
 
     def schedule(step):
         if step < warmup:
@@ -147,25 +220,44 @@ def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     losses = []
     batches: list[list[Example]] = []
-    for step in range(steps):
-        if not batches:  # draw `bucket` batches at once and group them by length: less padding
-            pool = sorted((examples[rng.randrange(len(examples))] for _ in range(bucket * batch_size)),
-                          key=lambda e: len(e.ids))
-            batches = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
-            rng.shuffle(batches)
-        batch = batches.pop()
-        ids, mask, labels, spans, teacher = collate(batch, with_teacher=distill)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        loss = loss_fn(logits, teacher, labels, spans)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-            bar.update(1)
+    pool = ThreadPoolExecutor(max_workers=batch_parts - 1) if batch_parts > 1 else None
+    try:
+        for step in range(steps):
+            if not batches:  # draw `bucket` batches at once and group them by length: less padding
+                drawn = sorted((examples[rng.randrange(len(examples))] for _ in range(bucket * batch_size)),
+                               key=lambda e: len(e.ids))
+                batches = [drawn[i:i + batch_size] for i in range(0, len(drawn), batch_size)]
+                rng.shuffle(batches)
+            batch = batches.pop()
+            opt.zero_grad(set_to_none=True)
+            if pool is None:
+                ids, mask, labels, spans, targets = collate(batch, teacher)
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+                loss = loss_fn(logits, targets, labels, spans)
+                loss.backward()
+                loss = loss.detach()
+            else:
+                normalizer = active_tokens(loss_fn, batch).clamp_min(1)
+                size = -(-len(batch) // batch_parts)
+                parts = [batch[i:i + size] for i in range(0, len(batch), size)]
+                pending = [pool.submit(_part_gradients, model, part, teacher, loss_fn, normalizer, params)
+                           for part in parts[1:]]
+                done = [_part_gradients(model, parts[0], teacher, loss_fn, normalizer, params)]
+                done += [future.result() for future in pending]
+                loss = sum(part_loss for part_loss, _ in done)
+                for param, *grads in zip(params, *(part_grads for _, part_grads in done)):
+                    grads = [g for g in grads if g is not None]
+                    param.grad = sum(grads[1:], grads[0]) if grads else None
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                bar.update(1)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     model.eval()
     return losses
 
@@ -178,7 +270,7 @@ class TrainJob:
     size: ModelSize
     vocab_size: int
     span_weights: tuple  # ((span name, (kl_weight, ce_weight)), ...)
-    distill: bool
+    teacher: str  # "none" (SFT) | "logits" (dense KD) | "topk" (from the teacher cache)
     steps: int
     batch_size: int
     lr: float
@@ -191,9 +283,10 @@ def run_job(job: TrainJob, examples: Sequence[Example], bar=None):
     """Build and train one model; returns (model, losses, seconds)."""
     start = time.perf_counter()
     model = make_model(job.vocab_size, job.size, seed=job.seed)
-    loss_fn = SpanDistillationLoss(dict(job.span_weights), divergence=job.divergence, temperature=job.temperature)
+    loss_type = TopKSpanLoss if job.teacher == "topk" else SpanDistillationLoss
+    loss_fn = loss_type(dict(job.span_weights), divergence=job.divergence, temperature=job.temperature)
     losses = train(model, examples, steps=job.steps, batch_size=job.batch_size, lr=job.lr, loss_fn=loss_fn,
-                   distill=job.distill, seed=job.seed, bar=bar)
+                   teacher=job.teacher, seed=job.seed, bar=bar)
     return model, losses, time.perf_counter() - start
 
 

@@ -9,7 +9,10 @@
    kept, written as JSONL and as chat-format fine-tuning JSONL;
 4. students (<= 1/4 of the teacher's parameters), the same size, data, batches and steps:
    *distilled* (span loss: KL on reasoning, KL + CE on actions and answers, nothing on
-   observations) and *SFT* (CE on the teacher's tokens); a *tiny* distilled student for the cascade;
+   observations), *offline top-k* (the same span loss against the teacher's top-16 log-probabilities,
+   written once to a teacher cache with :func:`distillkit.sparse.write_teacher_cache` and read back:
+   the teacher is not consulted while it trains) and *SFT* (CE on the teacher's tokens); a *tiny*
+   distilled student for the cascade;
 5. evaluation in the environment on held-out tasks: success, tool-call accuracy, success by number
    of steps, calibration; student + teacher fallback curve; tiny -> student -> teacher cascade with
    thresholds chosen on the validation split;
@@ -33,8 +36,11 @@ from ..agents.agent import LMPolicy, ReActFormat
 from ..agents.collect import collect_teacher_trajectories
 from ..agents.finetune_data import build_finetune_jsonl
 from ..core.modules import SpanDistillationLoss
+from ..sparse.cache_writer import write_teacher_cache
+from ..sparse.teacher_cache import TeacherCache, bytes_per_token
 from . import evaluate as ev
 from . import models as M
+from .parallel import fork_map
 from .env import KeyValueStore, TOOL_SPECS, check_answer, gold_trajectory, make_splits, make_tools
 
 
@@ -51,9 +57,11 @@ class Settings:
     student: M.ModelSize = M.ModelSize(56, 3, 2, 64)
     tiny: M.ModelSize = M.ModelSize(32, 3, 2, 64)
     teacher_steps: int = 800  # fewer left the teacher under-trained at some seeds (56.7% at seed 1 with 500)
-    student_steps: int = 900  # the distilled and the SFT student
+    student_steps: int = 900  # the distilled, offline top-k and SFT students
+    offline_k: int = 16  # teacher log-probabilities per position in the offline student's cache
     tiny_steps: int = 900  # the tiny student
     batch_size: int = 16  # teacher
+    teacher_batch_parts: int = 2  # the teacher's batches in 2 halves on 2 threads: both cores (models.train)
     student_batch_size: int = 12  # students: more, smaller steps learned faster here than fewer, larger ones
     teacher_lr: float = 3e-3
     student_lr: float = 5e-3
@@ -96,7 +104,21 @@ def machine_info(threads: int) -> dict:
             "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
 
-def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, workers: int = 3) -> dict:
+STUDENTS = ("distilled", "offline_topk", "sft", "tiny")
+
+
+def write_offline_cache(teacher, examples, settings: Settings, folder: Path, progress: bool) -> dict:
+    """The teacher's top-k cache over the students' examples (replacing an older one), read back into them."""
+    with _bar(sum(len(e.ids) for e in examples), f"cache teacher top-{settings.offline_k}", progress) as bar:
+        index = write_teacher_cache(str(folder), teacher, [e.ids for e in examples], k=settings.offline_k,
+                                    batch_size=64, overwrite=True, progress=bar)
+    M.attach_teacher_topk(TeacherCache(str(folder)), examples)
+    per_token = bytes_per_token(str(folder))
+    return {"path": str(folder), "k": settings.offline_k, "mode": "topk", "tokens": index["num_tokens"],
+            "bytes": round(per_token * index["num_tokens"]), "bytes_per_token": per_token}
+
+
+def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, workers: int = 4) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = M.Timer()
@@ -124,7 +146,8 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
     with _bar(settings.teacher_steps, "train teacher", progress) as bar:
         teacher_loss = M.train(teacher, teacher_examples, steps=settings.teacher_steps,
                                batch_size=settings.batch_size, lr=settings.teacher_lr,
-                               loss_fn=SpanDistillationLoss(M.SFT_WEIGHTS), seed=settings.seed, bar=bar)
+                               loss_fn=SpanDistillationLoss(M.SFT_WEIGHTS), seed=settings.seed,
+                               batch_parts=settings.teacher_batch_parts, bar=bar)
     timer.mark("train teacher")
 
     # 3. the teacher's trajectories on the student queries
@@ -148,15 +171,17 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
     examples = M.encode_examples(tokenizer, kept, fmt)
     with _bar(len(examples), "teacher logits", progress) as bar:
         M.attach_teacher_logits(teacher, examples, progress=bar.update)
+    offline_cache = write_offline_cache(teacher, examples, settings, out_dir / "teacher_cache", progress)
     students: dict[str, Any] = {}
     curves: dict[str, list[float]] = {"teacher": teacher_loss}
-    jobs = [M.TrainJob(name, size, vocab, tuple(weights.items()), distill, steps,
+    jobs = [M.TrainJob(name, size, vocab, tuple(weights.items()), teacher_source, steps,
                        settings.student_batch_size, settings.student_lr, seed=settings.seed + 1,
                        divergence=settings.divergence, temperature=settings.temperature)
-            for name, size, weights, distill, steps in (
-                ("distilled", settings.student, M.DISTILL_WEIGHTS, True, settings.student_steps),
-                ("sft", settings.student, M.SFT_WEIGHTS, False, settings.student_steps),
-                ("tiny", settings.tiny, M.DISTILL_WEIGHTS, True, settings.tiny_steps))]
+            for name, size, weights, teacher_source, steps in (
+                ("distilled", settings.student, M.DISTILL_WEIGHTS, "logits", settings.student_steps),
+                ("offline_topk", settings.student, M.DISTILL_WEIGHTS, "topk", settings.student_steps),
+                ("sft", settings.student, M.SFT_WEIGHTS, "none", settings.student_steps),
+                ("tiny", settings.tiny, M.DISTILL_WEIGHTS, "logits", settings.tiny_steps))]
     trained = M.run_jobs(jobs, examples, workers=workers, progress=progress,
                          bar_factory=lambda **kw: _bar(**kw, enabled=progress))
     student_seconds = {}
@@ -164,7 +189,7 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
         students[name], curves[name], student_seconds[name] = model, losses, round(seconds, 1)
     timer.mark(f"train students ({workers} process{'es' if workers > 1 else ''})")
     for ex in examples:  # free the cached logits
-        ex.teacher_logits = None
+        ex.teacher_logits = ex.teacher_topk = None
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -184,43 +209,59 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
         policies[name] = LMPolicy(model, tokenizer, name=name, batch_size=settings.gen_batch, max_new_tokens=settings.gen_tokens)
     params = {name: M.num_parameters(p.model) for name, p in policies.items()}
     test, val = splits["test"], splits["val"]
-    results: dict[str, dict] = {}
-    for name in ("teacher", "distilled", "sft", "tiny"):
-        episodes = ev.run_agent([policies[name]], [], test, tools, settings.max_steps,
-                                bar_factory=(lambda **kw: _bar(**kw, enabled=progress)), desc=f"eval {name}")
-        results[name] = ev.summarize(test, episodes)
-        results[name]["calibration"] = ev.calibration(test, episodes, None if name == "teacher" else teacher_policy)
-        results[name]["parameters"] = params[name]
-    timer.mark("evaluate agents")
-
-    val_teacher = ev.summarize(val, ev.run_agent([teacher_policy], [], val, tools, settings.max_steps))["success"]
-    target_val = 0.98 * val_teacher
-    fallback: dict[str, Any] = {}
-    grid = list(settings.fallback_grid)
-    with _bar(4 * len(grid), "fallback curves", progress) as bar:
-        for name in ("distilled", "sft"):
-            val_points = ev.fallback_curve(policies[name], teacher_policy, val, tools, grid, settings.max_steps, bar)
-            chosen = ev.pick_fallback_threshold(val_points, settings.escalation_budget)
-            test_points = ev.fallback_curve(policies[name], teacher_policy, test, tools, grid, settings.max_steps, bar)
-            at = next(p for p in test_points if p["threshold"] == chosen["threshold"])
-            fallback[name] = {"val_curve": val_points, "test_curve": test_points,
-                              "threshold": chosen["threshold"], "test_at_threshold": at}
-    timer.mark("fallback curves")
 
     tiers = [policies["tiny"], policies["distilled"], teacher_policy]
-    cgrid = list(settings.cascade_grid)
-    with _bar(len(cgrid) ** 2, "cascade search (val)", progress) as bar:
-        thresholds, search = ev.search_cascade(tiers, val, tools, cgrid, target_val, settings.max_steps, bar)
-    cascade_eps = ev.run_agent(tiers, thresholds, test, tools, settings.max_steps)
-    cascade_summary = ev.summarize(test, cascade_eps, 3)
+    grid, cgrid = list(settings.fallback_grid), list(settings.cascade_grid)
+
+    def evaluate(key: tuple):
+        """One independent piece of the evaluation (all of them run in forked processes, `workers` at once)."""
+        kind, *args = key
+        if kind == "agent":  # an agent alone on the test split (the teacher on validation: the cascade's target)
+            name, split = args
+            tasks = test if split == "test" else val
+            episodes = ev.run_agent([policies[name]], [], tasks, tools, settings.max_steps)
+            if split == "val":
+                return ev.summarize(tasks, episodes)
+            return {**ev.summarize(tasks, episodes), "parameters": params[name],
+                    "calibration": ev.calibration(tasks, episodes, None if name == "teacher" else teacher_policy)}
+        if kind == "fallback":  # a student + teacher fallback curve
+            name, split = args
+            tasks = test if split == "test" else val
+            return ev.fallback_curve(policies[name], teacher_policy, tasks, tools, grid, settings.max_steps)
+        # the cascade settings on validation with this first threshold
+        return [ev.cascade_point(tiers, (args[0], t), val, tools, settings.max_steps) for t in cgrid]
+
+    agent_keys = [("agent", name, "test") for name in ("teacher", *STUDENTS)] + [("agent", "teacher", "val")]
+    fallback_keys = [("fallback", name, split) for name in ("distilled", "sft") for split in ("val", "test")]
+    cascade_keys = [("cascade", t) for t in cgrid]
+    # Pieces of a few seconds each: a forked process pays its first calls' set-up again.
+    keys = agent_keys + fallback_keys + cascade_keys
+    with _bar(len(keys), "evaluate", progress) as bar:
+        evaluated = fork_map(evaluate, keys, workers=workers, bar=bar)
+    results: dict[str, dict] = {name: evaluated[("agent", name, "test")] for name in ("teacher", *STUDENTS)}
+    results["offline_topk"]["cache"] = offline_cache
+
+    fallback: dict[str, Any] = {}
+    for name in ("distilled", "sft"):
+        val_points, test_points = evaluated[("fallback", name, "val")], evaluated[("fallback", name, "test")]
+        chosen = ev.pick_fallback_threshold(val_points, settings.escalation_budget)
+        at = next(p for p in test_points if p["threshold"] == chosen["threshold"])
+        fallback[name] = {"val_curve": val_points, "test_curve": test_points,
+                          "threshold": chosen["threshold"], "test_at_threshold": at}
+
+    target_val = 0.98 * evaluated[("agent", "teacher", "val")]["success"]
+    search = [point for key in cascade_keys for point in evaluated[key]]
+    thresholds = ev.pick_cascade(search, target_val)
+    cascade_summary = ev.summarize(test, ev.run_agent(tiers, thresholds, test, tools, settings.max_steps), 3)
     cascade = {"tiers": ["tiny", "distilled", "teacher"], "thresholds": thresholds,
                "test": cascade_summary, "val_search": search,
                "teacher_step_share": cascade_summary["tier_share"][-1]}
-    timer.mark("cascade")
+    timer.mark(f"evaluate: agents, fallback curves, cascade ({workers} process{'es' if workers > 1 else ''})")
 
     # 6. report
     teacher_success = results["teacher"]["success"]
     fb = fallback["distilled"]["test_at_threshold"]
+    distilled_success, offline_success = results["distilled"]["success"], results["offline_topk"]["success"]
     goals = {
         "distilled_retains_90pct_of_teacher": {
             "value": results["distilled"]["success"] / max(1e-9, teacher_success), "target": 0.9,
@@ -233,6 +274,9 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
             "target": "ratio >= 0.98 with escalation <= 0.20",
             "met": teacher_success > 0 and fb["success"] >= 0.98 * teacher_success
             and fb["escalation_rate"] <= 0.2},
+        "offline_topk_reaches_95pct_of_distilled": {
+            "value": offline_success / max(1e-9, distilled_success), "target": 0.95,
+            "met": distilled_success > 0 and offline_success >= 0.95 * distilled_success},
     }
     report = {
         "settings": settings.to_json(),

@@ -20,6 +20,8 @@ from ..core import _checks
 from ..core.fused_linear import (check_linear, chunk_loop, combine_rows, default_chunk_size, fake_outputs,
                                  fused_backward, grad_shapes, loss_coefficients, save_for_fused_backward)
 from ..core._checks import Weight
+from ..core.dtensor import full_heads
+from ..core.row_compaction import active_rows, put_rows, take_rows
 from .topk import prepare_topk_terms
 from .topk_ops import topk_rows, topk_rows_backward  # noqa: F401  (registers torch.ops.distillkit.topk_rows*)
 
@@ -105,6 +107,7 @@ def fused_linear_distill_loss_topk(
     kl_weight: Weight = 1.0, ce_weight: Weight = 0.0, ignore_index: int = -100, reduction: str = "mean",
     normalizer=None, backend: str = "auto", check_labels: bool = True, divergence_on_ignored: bool = False,
     chunk_size: Optional[int] = None, max_chunk_bytes: int = 256 * 2**20, grad_weight_fp32: bool = True,
+    compact_rows: bool = True,
 ) -> Tensor:
     """`distill_loss_topk(student_hidden @ student_weight.T + student_bias, teacher_topk_ids,
     teacher_topk_logprobs, labels, ...)` without materializing the [N, V] student logits.
@@ -115,10 +118,12 @@ def fused_linear_distill_loss_topk(
         teacher_topk_ids, teacher_topk_logprobs, labels, tail, teacher_temperature, divergence, temperature,
         temperature_scaling, kl_weight, ce_weight, ignore_index, reduction, normalizer, backend, check_labels,
         divergence_on_ignored: exactly as in `distillkit.sparse.topk.distill_loss_topk`.
-        chunk_size, max_chunk_bytes, grad_weight_fp32: as in `distillkit.fused_linear_distill_loss`.
+        chunk_size, max_chunk_bytes, grad_weight_fp32, compact_rows: as in `distillkit.fused_linear_distill_loss`
+            (rows without an active term are skipped: one host-device synchronization per eager call).
     Returns:
         The loss in float32: a scalar, or the leading shape for reduction="none".
     """
+    student_weight, student_bias, *_ = full_heads(student_hidden, student_weight, student_bias)  # DTensor heads
     check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
     lead, hidden_size = student_hidden.shape[:-1], student_hidden.shape[-1]
     vocab, device = student_weight.shape[0], student_hidden.device
@@ -140,13 +145,17 @@ def fused_linear_distill_loss_topk(
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     n, k = lead.numel(), terms.ids.shape[-1]
+    rows = active_rows(coef_div.reshape(n), coef_ce.reshape(n),
+                       terms.valid.reshape(n) if terms.with_ce else None, compact_rows)  # None: every row
     grad_on = torch.is_grad_enabled()
     loss, *_ = fused_linear_topk(
-        student_hidden.reshape(n, hidden_size), student_weight, student_bias, terms.ids.reshape(n, k),
-        terms.teacher_lp.reshape(n, k), terms.teacher_rest.reshape(n),
-        terms.labels.reshape(n) if terms.labels is not None else None, coef_div.reshape(n), coef_ce.reshape(n),
+        take_rows(rows, student_hidden.reshape(n, hidden_size)), student_weight, student_bias,
+        take_rows(rows, terms.ids.reshape(n, k)), take_rows(rows, terms.teacher_lp.reshape(n, k)),
+        take_rows(rows, terms.teacher_rest.reshape(n)),
+        take_rows(rows, terms.labels.reshape(n)) if terms.labels is not None else None,
+        take_rows(rows, coef_div.reshape(n)), take_rows(rows, coef_ce.reshape(n)),
         terms.divergence, terms.tail, float(temperature), int(ignore_index), terms.with_ce, terms.backend,
         int(chunk_size), reduction != "none", bool(grad_weight_fp32),
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad)
-    return loss if reduction != "none" else loss.reshape(lead)
+    return loss if reduction != "none" else put_rows(rows, loss, n).reshape(lead)

@@ -172,13 +172,51 @@ def report(archs=ARCHS, sources: Optional[list[Path]] = None, cache: bool = True
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    header = f"{'kernel':<22} {'variant':<44} {'arch':<6} {'regs':>4} {'spill':>5} {'local':>5} {'smem':>6}"
-    lines = [header, "-" * len(header)]
-    for r in sorted(rows, key=lambda r: (r["kernel"], r["variant"], r["arch"])):
-        lines.append(f"{r['kernel']:<22} {r['variant']:<44} {r['arch']:<6} {r['registers']:>4} "
-                     f"{r['spill_stores'] + r['spill_loads']:>5} {r['local_bytes']:>5} {r['shared_bytes']:>6}")
+_SWITCH = re.compile(r"\b(DIVERGENCE|div|TAIL)=(\d+)\b")
+_CUDA_DTYPES = {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16"}  # the C++ types of the templates
+
+
+def _switch_name(match: re.Match) -> str:
+    from ..core.divergences import NO_DIVERGENCE, from_id
+    from ..sparse.tails import tail_from_id
+
+    key, value = match.group(1), int(match.group(2))
+    try:
+        if key == "TAIL":
+            name = tail_from_id(value).name
+        else:
+            name = "none" if value == NO_DIVERGENCE else from_id(value).name
+    except ValueError:
+        return match.group(0)  # an id the registries do not know: show it as it is
+    return f"{key}={name}"
+
+
+def readable_variant(variant: str) -> str:
+    """A variant with divergence and tail names for their ids (from the registries, core.divergences and
+    sparse.tails) and fp32/fp16/bf16 for the CUDA templates' C++ types; `distillkit kernels` shows these."""
+    variant = _SWITCH.sub(_switch_name, variant)
+    return " ".join(f"{k}={_CUDA_DTYPES.get(v, v)}" if k in ("student", "teacher") else part
+                    for part in variant.split() for k, _, v in [part.partition("=")])
+
+
+def format_columns(header: list[str], body: list[list[str]], right: set[int] = frozenset()) -> str:
+    """A plain-text table, each column as wide as its longest cell (nothing is cut); columns in `right`
+    right-aligned."""
+    widths = [max([len(h), *(len(row[i]) for row in body)]) for i, h in enumerate(header)]
+
+    def line(cells):
+        return " ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [line(header), "-" * (sum(widths) + len(widths) - 1)]
+    lines += [line(row).rstrip() for row in body]
     return "\n".join(lines)
+
+
+def format_table(rows: list[dict]) -> str:
+    body = [[r["kernel"], readable_variant(r["variant"]), r["arch"], str(r["registers"]),
+             str(r["spill_stores"] + r["spill_loads"]), str(r["local_bytes"]), str(r["shared_bytes"])]
+            for r in sorted(rows, key=lambda r: (r["kernel"], r["variant"], r["arch"]))]
+    return format_columns(["kernel", "variant", "arch", "regs", "spill", "local", "smem"], body, right={3, 4, 5, 6})
 
 
 def main(argv=None) -> int:

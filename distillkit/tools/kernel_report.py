@@ -210,7 +210,7 @@ def cuda_rows() -> tuple[list[KernelResources], str]:
     except Exception as e:  # noqa: BLE001 - any toolchain failure is reported, not raised
         return [], f"CUDA kernels not compiled: {e}"
     out = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["variant"], str(r["arch"]))):
         warps = int(r.get("num_warps", 8))
         arch = int(str(r["arch"]).replace("sm_", ""))
         out.append(KernelResources(r["kernel"], r.get("variant", "cuda"), f"sm_{arch}", r["registers"],
@@ -220,12 +220,13 @@ def cuda_rows() -> tuple[list[KernelResources], str]:
 
 
 def format_table(rows: list[KernelResources]) -> str:
-    header = f"{'kernel':<28} {'variant':<52} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} {'warps':>5} {'occ':>5}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(f"{r.kernel[:28]:<28} {r.variant[:52]:<52} {r.arch:<6} {r.registers:>4} {r.spill_bytes:>5} "
-                     f"{r.shared_bytes:>6} {r.num_warps:>5} {r.occupancy:>5.2f}")
-    return "\n".join(lines)
+    """One line per kernel, variant and arch; the variant in full, divergences and tails by name."""
+    from .cuda_report import format_columns, readable_variant
+
+    body = [[r.kernel, readable_variant(r.variant), r.arch, str(r.registers), str(r.spill_bytes), str(r.shared_bytes),
+             str(r.num_warps), f"{r.occupancy:.2f}"] for r in rows]
+    return format_columns(["kernel", "variant", "arch", "regs", "spill", "smem", "warps", "occ"], body,
+                          right={3, 4, 5, 6, 7})
 
 
 def main(argv=None) -> int:

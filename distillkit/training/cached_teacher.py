@@ -79,10 +79,12 @@ def check_cache_config(config) -> None:
 
 def resolve_tail(config, cache: TeacherCache) -> str:
     """topk_tail "auto": "student_full" for a sampled cache (its forward-KL gradient is an unbiased estimate of
-    the dense one), "renormalize" for a top-k cache."""
+    the dense one), "bucket" for a top-k cache (it keeps the teacher's tail mass: with "renormalize", the
+    student's mass outside the cached ids is free, and where the divergence is the only term, as on
+    reasoning spans, the demo's offline student put it on wrong tokens: docs/SPARSE.md)."""
     if config.topk_tail != "auto":
         return config.topk_tail
-    return "student_full" if cache.index.get("mode", "topk") == "sample" else "renormalize"
+    return "student_full" if cache.index.get("mode", "topk") == "sample" else "bucket"
 
 
 def cached_teacher_loss(trainer, model, inputs: Mapping[str, torch.Tensor], kwargs: dict, targets: torch.Tensor,

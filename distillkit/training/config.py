@@ -34,7 +34,7 @@ class DistillationConfig:
         of the logits-free op (None: automatic).
     vocab_mismatch: "error" | "truncate" (teacher and student vocabularies of different sizes).
     topk_tail: with a teacher cache, distill_loss_topk's tail; "auto": "student_full" for a sampled cache (an
-        unbiased gradient estimate), "renormalize" for a top-k cache.
+        unbiased gradient estimate), "bucket" for a top-k cache (keeps the teacher's tail mass).
     log_components: "auto" (every micro-batch on the logits path, where they are free; the micro-batches of
         logged steps on the logits-free path, which computes them with extra passes), "all",
         "logged_steps" or "off".

@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the [tra
 
 from .curriculum import (CompetenceCurriculum, CurriculumConfig, mean_over_mask, reference_scores, token_entropy,
                          token_entropy_from_hidden)
+from ..core.dtensor import gathered_linear, through_fsdp_outputs
 from ..core.lm_head import forward_hidden, head_problem, head_reproduces_logits, logit_transform
 from ..core.modules import DEFAULT_SPAN_WEIGHTS, SpanDistillationLoss, span_token_weights
 from ..core.spans import PAD_SPAN, Span
@@ -240,13 +241,15 @@ class DistillationTrainer(Trainer):
         return self._logits_free
 
     def _forward_hidden(self, model: nn.Module, kwargs: dict):
-        return forward_hidden(model, self._unwrap(model), kwargs)
+        hidden, head, outputs = forward_hidden(model, self._unwrap(model), kwargs)
+        # FSDP2: the root's pre-backward hook hangs on its outputs (core/dtensor.py, through_fsdp_outputs).
+        return through_fsdp_outputs(model, hidden, getattr(outputs, "logits", None)), head, outputs
 
     def _verify_head(self, model: nn.Module, hidden: torch.Tensor, head: nn.Linear, outputs) -> bool:
         """Once per model: head(hidden) reproduces the model's own logits (lm_head.head_reproduces_logits)."""
         key = id(self._unwrap(model))
         transform = logit_transform(self._unwrap(model))
-        if key not in self._head_verified and head_reproduces_logits(hidden, head, outputs, transform):
+        if key not in self._head_verified and head_reproduces_logits(hidden, gathered_linear(head), outputs, transform):
             self._head_verified.add(key)
         return key in self._head_verified
 
@@ -327,6 +330,7 @@ class DistillationTrainer(Trainer):
             if need_teacher:
                 with torch.no_grad():
                     t_hidden, t_head, t_outputs = self._forward_hidden(self.teacher_model, kwargs)
+                    t_head = gathered_linear(t_head)  # a DTensor head (FSDP2) gathered once per step
             verified = self._verify_head(model, hidden, head, outputs) and (
                 t_hidden is None or self._verify_head(self.teacher_model, t_hidden, t_head, t_outputs))
             if not verified:

@@ -73,5 +73,6 @@ def test_the_vocabulary_parallel_loss_takes_the_fused_loss_arguments():
 def test_the_logits_free_top_k_loss_takes_the_top_k_arguments():
     logits = inspect.signature(distillkit.distill_loss_topk).parameters
     fused = inspect.signature(fused_linear_distill_loss_topk).parameters
-    head = {"student_hidden", "student_weight", "student_bias", "chunk_size", "max_chunk_bytes", "grad_weight_fp32"}
+    head = {"student_hidden", "student_weight", "student_bias", "chunk_size", "max_chunk_bytes", "grad_weight_fp32",
+            "compact_rows"}
     assert set(fused) - head == set(logits) - {"student_logits"}

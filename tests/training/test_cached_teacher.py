@@ -59,7 +59,7 @@ def test_a_full_vocabulary_cache_gives_the_dense_loss(workspace, cached, tmp_pat
     student, _ = models(workspace)
     dense = _trainer(workspace, tmp_path / "d", student, teacher=teacher, examples=examples)
     from_cache = _trainer(workspace, tmp_path / "c", student, cache=full, examples=examples)
-    assert from_cache.teacher_model is None and from_cache.topk_tail == "renormalize"
+    assert from_cache.teacher_model is None and from_cache.topk_tail == "bucket"
     batch = batch_of(workspace, range(6))
     batch["cache_index"] = torch.arange(6)
     n = num_items(batch)

@@ -16,12 +16,10 @@ average_tokens_across_devices=False (each rank divides by its own token count) t
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import free_port, worker_process
+from helpers import free_port, spawn_and_wait, worker_process
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -83,17 +81,8 @@ def _worker(rank, world, port, tokenizer_path, examples, out_dir):
 
 
 def _run_workers(workspace, out_dir):
-    context = mp.spawn(_worker, args=(WORLD, free_port(), workspace["paths"]["tokenizer"],
-                                      workspace["ordered"], str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=2):  # raises ProcessRaisedException if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP workers did not finish in {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_and_wait(_worker, (WORLD, free_port(), workspace["paths"]["tokenizer"], workspace["ordered"],
+                             str(out_dir)), WORLD, TIMEOUT_S, "DDP workers")
     return torch.load(out_dir / "ddp.pt")
 
 

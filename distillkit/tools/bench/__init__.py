@@ -6,6 +6,7 @@
 - rows: one row per (op, provider, mode, shape, dtype, metric), JSON + CSV
 - child: the subprocess entry point (peak RSS, traffic under TRITON_INTERPRET=1)
 - plot: the comparison figure of ``distillkit bench --plot``
+- progress: the progress bar of ``distillkit bench --run`` (a pytest plugin and the CLI's follower)
 """
 
 from .cases import DTYPES, MODES, OPS, SHAPES, Case, make_case, make_inputs

@@ -1,7 +1,8 @@
 """``distillkit bench``: run or read the benchmark suite's results, print tables, draw a comparison.
 
     distillkit bench                          # read bench-results/results.json, print the tables
-    distillkit bench --run [--size quick]     # run `pytest benchmarks/` first (source checkout only)
+    distillkit bench --run [--size quick]     # run `pytest benchmarks/` first (source checkout only),
+                                              # a progress bar per case; --verbose: pytest's output too
     distillkit bench --plot out.png           # and draw traffic / peak memory / time per provider
     distillkit bench --markdown               # the tables as Markdown (docs/PERFORMANCE.md is made of them)
 """
@@ -9,8 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -34,16 +35,42 @@ def benchmarks_dir() -> Optional[Path]:
     return path if (path / "conftest.py").exists() else None
 
 
-def run_suite(results: str, size: str, extra: list[str]) -> int:
+def suite_command(bench: Path, results: str, size: str, extra: list[str], verbose: bool) -> list[str]:
+    """The pytest command line of `--run`: pytest-benchmark's summary only with --verbose (and narrowed to a
+    few columns unless `extra` picks them)."""
+    cmd = [sys.executable, "-m", "pytest", str(bench), "-q", "-p", "no:cacheprovider", f"--bench-size={size}",
+           f"--bench-dir={results}"]
+    if not verbose:
+        cmd.append("--benchmark-quiet")
+    elif not any(arg.startswith("--benchmark-columns") for arg in extra):
+        cmd.append("--benchmark-columns=min,median,max,rounds")
+    return [*cmd, *extra]
+
+
+def run_suite(results: str, size: str, extra: list[str], *, verbose: bool = False, progress: bool = True) -> int:
+    """Run `pytest benchmarks/` with a progress bar (one step per case) on stderr. Its output is shown when
+    it fails, or with `verbose`; otherwise only a one-line summary."""
+    from .progress import make_bar, run_pytest
+
     bench = benchmarks_dir()
     if bench is None:
         print("distillkit bench --run: the benchmarks/ directory is not here (it ships with the source "
               "checkout, not the wheel); run `pytest benchmarks/` from a checkout", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "pytest", str(bench), "-q", "-p", "no:cacheprovider", f"--bench-size={size}",
-           f"--bench-dir={results}", *extra]
-    print("running:", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=bench.parent).returncode
+    cmd = suite_command(bench, results, size, extra, verbose)
+    if verbose:
+        print("running:", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    code, output, summary = run_pytest(cmd, cwd=str(bench.parent), bar=make_bar(f"bench ({size})", not progress))
+    if code not in (0, 5):
+        print(output.rstrip(), file=sys.stderr)
+        print(f"distillkit bench: `{' '.join(cmd)}` exited {code} ({summary})", file=sys.stderr)
+        return code
+    if verbose:
+        print(output.rstrip(), flush=True)
+    print(f"distillkit bench: {summary} in {time.perf_counter() - started:.0f} s; results in {results}/",
+          file=sys.stderr, flush=True)
+    return code
 
 
 def group_rows(rows: list[dict]):
@@ -210,11 +237,13 @@ def main(argv=None) -> int:
                              "peak_memory) with op x dtype rows and provider columns (repeatable)")
     parser.add_argument("--mode", action="append", choices=["forward", "backward", "forward+backward"],
                         help="modes to tabulate (default forward+backward; repeatable)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="with --run: also print pytest's and pytest-benchmark's own output")
+    parser.add_argument("--no-progress", action="store_true", help="with --run: no progress bar")
     args, extra = parser.parse_known_args(argv)
     if args.run:
-        code = run_suite(args.results, args.size, extra)
+        code = run_suite(args.results, args.size, extra, verbose=args.verbose, progress=not args.no_progress)
         if code not in (0, 5):
-            print(f"distillkit bench: the suite exited {code}", file=sys.stderr)
             return code
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
