@@ -18,7 +18,7 @@ COMMANDS = {
     "compare": ("distillkit.tools.compare", "every backend vs the float64 reference (exit 1 on failure)"),
     "bench": ("distillkit.tools.bench.report", "run or read the benchmarks: tables and a figure"),
     "env": ("distillkit.tools.envinfo", "what was built, which backends run here, versions"),
-    "kernels": ("distillkit.tools.kernel_report", "compiled-kernel report: registers, spills, occupancy"),
+    "kernels": ("distillkit.tools.kernel_report", "compiled-kernel report: registers, spills, modeled GPU time"),
 }
 # name -> the usual arguments (the epilog of `distillkit --help`).
 USAGE = {
@@ -28,7 +28,7 @@ USAGE = {
     "compare": "[--device cpu|cuda] [--json PATH] [--quick]",
     "bench": "[--run [--size quick|default|full] [--verbose]] [--plot PNG] [--markdown]",
     "env": "",
-    "kernels": "[--check] [--json PATH] [--no-cuda]",
+    "kernels": "[--check] [--json PATH] [--no-cuda] [--no-model]",
 }
 
 

@@ -6,6 +6,14 @@ Triton specializations are compiled with `triton.compile` for an explicit
 kernels of the extension come from `distillkit.tools.cuda_report` when nvcc is present.
 `distillkit kernels` prints the table; `--check` exits non-zero on any spill.
 
+Each specialization is compiled as the JIT compiles it for a typical launch (SPECIALIZATION):
+contiguous [N, V] logits, so every pointer 16-byte aligned and every size and stride divisible
+by 16 (`tt.divisibility = 16`, the JIT's "D" specialization), `*_n_inner` = 1 (the JIT turns an
+integer argument equal to 1 into a constant), `ignore_index` (-100) and top-k `k` unspecialized.
+Without it the SASS would load 16-bit logits one by one where the running code loads 128 bits.
+Its SASS (`cuobjdump -sass`) then feeds the GPU time model of `distillkit.tools.gpu_model`:
+instructions per element of the vocabulary loop and the modeled H100 / A100 time.
+
 Must run without TRITON_INTERPRET=1 (the interpreter replaces the compiler);
 `main` re-executes itself in a clean subprocess when it is set.
 """
@@ -44,6 +52,7 @@ class KernelResources:
     shared_bytes: int
     num_warps: int
     occupancy: float  # resident warps / max warps per SM implied by registers, warps and shared memory
+    model: dict | None = None  # SASS counts and modeled time (gpu_model.summary + model_time); Triton only
 
 
 def occupancy(arch: int, registers: int, num_warps: int, shared: int) -> float:
@@ -147,6 +156,46 @@ def _signature(fn, spec: Specialization) -> dict:
     return sig
 
 
+SPECIALIZATION = ("pointers 16-byte aligned; sizes and strides divisible by 16; *_n_inner = 1 (contiguous [N, V]); "
+                  "ignore_index and k unspecialized")
+_UNSPECIALIZED = {"ignore_index", "k"}  # runtime values not assumed divisible by 16 (-100; any top-k size)
+
+
+def jit_specialization(fn, spec: Specialization) -> tuple[dict, dict]:
+    """(constexprs, attrs) as the JIT would build them for a contiguous [N, V] launch: `*_n_inner` = 1 becomes a
+    constant; pointers and the other integer arguments get `tt.divisibility = 16` (triton/backends/compiler.py
+    `parse_attr` of the JIT's "D" specialization, keyed by the argument's index path)."""
+    constexprs, attrs = dict(spec.constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in spec.constexprs or name in _FLOAT_ARGS or name in _UNSPECIALIZED:
+            continue
+        if name.endswith("_n_inner"):
+            constexprs[name] = 1
+        else:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return constexprs, attrs
+
+
+def _model(spec: Specialization, arch: int, sass: str, name: str) -> dict | None:
+    from . import gpu_model
+
+    functions = gpu_model.parse_sass(sass)
+    instructions = functions.get(name) or next(iter(functions.values()), [])
+    if not instructions:
+        return None
+    counts = gpu_model.loop_counts(instructions)
+    block_v = spec.constexprs["BLOCK_V"]
+    streamed = {k: v for k, v in spec.pointer_dtypes.items()
+                if not (k == "teacher_ptr" and spec.constexprs.get("DIVERGENCE") == NO_DIVERGENCE)}
+    two_pass = spec.kernel == "distill_forward_kernel" and spec.constexprs.get("DIVERGENCE") in TWO_PASS_IDS
+    nbytes = gpu_model.streamed_bytes(streamed, 2 if two_pass else 1)
+    t = gpu_model.model_time(gpu_model.GPUS[arch], counts, block_v, spec.num_warps, nbytes)
+    return {**gpu_model.summary(counts, block_v, spec.num_warps), "classes_per_iteration": counts.classes,
+            "memory_per_iteration": counts.memory, "mufu_per_iteration": counts.mufu, "bytes_per_element": nbytes,
+            "gpu": t.gpu, "memory_ms": t.memory_ms, "mufu_ms": t.mufu_ms, "issue_ms": t.issue_ms,
+            "time_ms": t.time_ms, "bound": t.bound, "specialization": SPECIALIZATION}
+
+
 def cuobjdump() -> str:
     import triton
 
@@ -160,7 +209,7 @@ def parse_resource_usage(text: str) -> list[tuple[str, int, int, int, int]]:
 
 
 def _compile_one(job) -> list[KernelResources]:
-    spec, arch = job
+    spec, arch, model = job if len(job) == 3 else (*job, True)
     import importlib
 
     import triton
@@ -168,25 +217,30 @@ def _compile_one(job) -> list[KernelResources]:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(f"distillkit.kernels.{spec.module}"), spec.kernel)
-    src = ASTSource(fn=fn, signature=_signature(fn, spec), constexprs=spec.constexprs)
+    constexprs, attrs = jit_specialization(fn, spec)
+    signature = {k: "constexpr" if k in constexprs else v for k, v in _signature(fn, spec).items()}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
+        sass = subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout \
+            if model else ""
     rows = []
     for name, reg, stack, shared, local in parse_resource_usage(text):
         shared = max(shared, compiled.metadata.shared)
         rows.append(KernelResources(name, spec.variant, f"sm_{arch}", reg, local, stack, shared, spec.num_warps,
-                                    occupancy(arch, reg, spec.num_warps, shared)))
+                                    occupancy(arch, reg, spec.num_warps, shared),
+                                    _model(spec, arch, sass, name) if model else None))
     return rows
 
 
-def triton_report(workers: int | None = None) -> list[KernelResources]:
+def triton_report(workers: int | None = None, model: bool = True) -> list[KernelResources]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the Triton report needs the compiler: unset TRITON_INTERPRET")
-    jobs = [(spec, arch) for spec in shipped_specializations() for arch in ARCHS]
+    jobs = [(spec, arch, model) for spec in shipped_specializations() for arch in ARCHS]
     workers = workers or max(1, min(len(jobs), os.cpu_count() or 1))
     if workers == 1:
         results = map(_compile_one, jobs)
@@ -229,17 +283,38 @@ def format_table(rows: list[KernelResources]) -> str:
                           right={3, 4, 5, 6, 7})
 
 
+def format_model_table(rows: list[KernelResources]) -> str:
+    """One line per Triton kernel and variant: the sm_90 SASS counts per element / per loop iteration and the
+    modeled H100 (from the sm_90 SASS) and A100 (from the sm_80 SASS) times at N = 16384, V = 131072."""
+    from .cuda_report import format_columns, readable_variant
+
+    by_key: dict = {}
+    for r in rows:
+        if r.model:
+            by_key.setdefault((r.kernel, r.variant), {})[r.arch] = r.model
+    body = []
+    for (kernel, variant), archs in by_key.items():
+        m = archs.get("sm_90") or next(iter(archs.values()))
+        times = [f"{a['time_ms']:.2f} {a['bound']}" if a else "-" for a in (archs.get("sm_90"), archs.get("sm_80"))]
+        body.append([kernel, readable_variant(variant), f"{m['instructions_per_element']:.1f}",
+                     f"{m['mufu_per_element']:.2f}", str(m["shuffles_per_iteration"]), str(m["barriers_per_iteration"]),
+                     m["global_accesses"] or "-", f"{m['memory_ms']:.2f}" if "memory_ms" in m else "-", *times])
+    return format_columns(["kernel", "variant", "instr/elem", "MUFU/elem", "SHFL/it", "BAR/it", "global accesses/it",
+                           "H100 mem ms", "H100 ms", "A100 ms"], body, right={2, 3, 4, 5, 7})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="distillkit kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--check", action="store_true", help="exit 1 if any kernel spills registers")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels of csrc/")
+    parser.add_argument("--no-model", action="store_true", help="skip the SASS counts and the modeled GPU times")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "distillkit.tools.kernel_report", *(argv or sys.argv[1:])],
                                env=env)
-    rows = triton_report()
+    rows = triton_report(model=not args.no_model)
     note = ""
     if not args.no_cuda:
         extra, note = cuda_rows()
@@ -249,6 +324,13 @@ def main(argv=None) -> int:
         print(note)
     spilled = [r for r in rows if r.spill_bytes > 0]
     print(f"{len(rows)} kernels compiled for {', '.join(f'sm_{a}' for a in ARCHS)}; {len(spilled)} spill")
+    print(f"specialization assumed (as the JIT at run time): {SPECIALIZATION}")
+    if not args.no_model:
+        from .gpu_model import MODEL_NOTE
+
+        print()
+        print(format_model_table(rows))
+        print(MODEL_NOTE)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
