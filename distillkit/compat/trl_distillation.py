@@ -46,7 +46,7 @@ import torch
 from ..core._checks import BACKENDS, check_choice
 from ..core.dtensor import full_heads
 from ..core.fused_linear import fused_linear_distill_loss
-from ..core.row_compaction import active_rows, take_rows
+from ..core.row_compaction import rows_where, take_rows
 from ..training.curriculum import token_entropy_from_hidden
 
 _TRL_MODULE = "trl.trainer.distillation_trainer"
@@ -119,7 +119,7 @@ def _chunked_divergence_loss(student_hidden_states, teacher_hidden_states, stude
     n_valid = valid.sum()
     # Only the completion positions are projected, as TRL does on its Triton devices: one host-device sync
     # (none under torch.compile, where every row runs with weight 0 on the masked ones).
-    rows = active_rows(valid.to(torch.float32), torch.zeros_like(valid, dtype=torch.float32), None, enabled=True)
+    rows = rows_where(valid, enabled=True)
     h_s, h_t = (take_rows(rows, h.reshape(-1, h.shape[-1])) for h in (h_s, h_t))
     weight = take_rows(rows, valid.to(torch.float32))
     total = fused_linear_distill_loss(

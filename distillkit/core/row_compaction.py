@@ -19,15 +19,20 @@ import torch
 from torch import Tensor
 
 
-def active_rows(coef_div: Tensor, coef_ce: Tensor, valid_labels: Optional[Tensor], enabled: bool) -> Optional[Tensor]:
-    """int64 indices of the rows with a term: a non-zero divergence coefficient, or a non-zero CE coefficient and a
-    valid label (all [N]; valid_labels None: no labels). None to run every row: compaction off, under
+def rows_where(active: Tensor, enabled: bool) -> Optional[Tensor]:
+    """int64 indices of the True rows of `active` ([N] bool), or None to run every row: compaction off, under
     torch.compile, or nothing to skip. Synchronizes with the device once (see the module docstring)."""
     if not enabled or torch.compiler.is_compiling():
         return None
+    rows = active.nonzero().squeeze(1)
+    return None if rows.numel() == active.numel() else rows
+
+
+def active_rows(coef_div: Tensor, coef_ce: Tensor, valid_labels: Optional[Tensor], enabled: bool) -> Optional[Tensor]:
+    """rows_where for the rows with a term: a non-zero divergence coefficient, or a non-zero CE coefficient and a
+    valid label (all [N]; valid_labels None: no labels)."""
     with_ce = coef_ce != 0 if valid_labels is None else (coef_ce != 0) & valid_labels
-    rows = ((coef_div != 0) | with_ce).nonzero().squeeze(1)
-    return None if rows.numel() == coef_div.numel() else rows
+    return rows_where((coef_div != 0) | with_ce, enabled)
 
 
 def take_rows(rows: Optional[Tensor], tensor: Optional[Tensor]) -> Optional[Tensor]:

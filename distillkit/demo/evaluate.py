@@ -19,7 +19,6 @@ Definitions (also in docs/DEMO.md):
 
 from __future__ import annotations
 
-import itertools
 from fractions import Fraction
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -188,14 +187,3 @@ def pick_cascade(points: Sequence[dict], target: float) -> list[float]:
     best = min(ok, key=lambda r: (r["cost"], -r["success"])) if ok else max(
         points, key=lambda r: (r["success"], -r["cost"]))
     return best["thresholds"]
-
-
-def search_cascade(tiers: Sequence[LMPolicy], tasks: Sequence[Task], tools: Mapping, grid: Sequence[float],
-                   target: float, max_steps: int = 8, bar=None) -> tuple[list[float], list[dict]]:
-    """Grid search of the thresholds of a cascade on a validation split (cascade_point, pick_cascade)."""
-    results = []
-    for combo in itertools.product(grid, repeat=len(tiers) - 1):
-        results.append(cascade_point(tiers, combo, tasks, tools, max_steps))
-        if bar is not None:
-            bar.update(1)
-    return pick_cascade(results, target), results

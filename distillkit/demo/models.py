@@ -182,10 +182,14 @@ def active_tokens(loss_fn: SpanDistillationLoss, examples: Sequence[Example]) ->
     return ((per_token[:, 0] != 0) | (per_token[:, 1] != 0)).sum().to(torch.float32)
 
 
-def _part_gradients(model, part, teacher, loss_fn, normalizer, params):
-    ids, mask, labels, spans, targets = collate(part, teacher)
+def _batch_loss(model, examples, teacher, loss_fn, normalizer=None):
+    ids, mask, labels, spans, targets = collate(examples, teacher)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    loss = loss_fn(logits, targets, labels, spans, normalizer=normalizer)
+    return loss_fn(logits, targets, labels, spans, normalizer=normalizer)
+
+
+def _part_gradients(model, part, teacher, loss_fn, normalizer, params):
+    loss = _batch_loss(model, part, teacher, loss_fn, normalizer)
     return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
 
@@ -231,9 +235,7 @@ def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr
             batch = batches.pop()
             opt.zero_grad(set_to_none=True)
             if pool is None:
-                ids, mask, labels, spans, targets = collate(batch, teacher)
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                loss = loss_fn(logits, targets, labels, spans)
+                loss = _batch_loss(model, batch, teacher, loss_fn)
                 loss.backward()
                 loss = loss.detach()
             else:

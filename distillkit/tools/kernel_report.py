@@ -209,7 +209,7 @@ def parse_resource_usage(text: str) -> list[tuple[str, int, int, int, int]]:
 
 
 def _compile_one(job) -> list[KernelResources]:
-    spec, arch, model = job if len(job) == 3 else (*job, True)
+    spec, arch, model = job
     import importlib
 
     import triton

@@ -127,21 +127,14 @@ def assert_matches(got, want, rtol, atol):
                                    atol=atol, msg=k)
 
 
+@pytest.mark.parametrize("reference", ["float64 transcription", pytest.param("trl", marks=needs_trl)])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_float64_transcription(name, beta):
+def test_matches_the_reference(name, beta, reference):
     inputs, mask, kwargs = case(name)
+    want_fn = ref_f64 if reference == "float64 transcription" else TRL_LOSS
     assert_matches(run(chunked_divergence_loss, inputs, mask, beta, **kwargs),
-                   run(ref_f64, inputs, mask, beta, **kwargs), rtol=1e-4, atol=1e-5)
-
-
-@needs_trl
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("name", list(CASES))
-def test_matches_trl(name, beta):
-    inputs, mask, kwargs = case(name)
-    assert_matches(run(chunked_divergence_loss, inputs, mask, beta, **kwargs),
-                   run(TRL_LOSS, inputs, mask, beta, **kwargs), rtol=1e-4, atol=1e-5)
+                   run(want_fn, inputs, mask, beta, **kwargs), rtol=1e-4, atol=1e-5)
 
 
 @needs_trl
