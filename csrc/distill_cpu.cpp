@@ -19,6 +19,8 @@
 //   over [0, div_vocab) only,
 //   every entry below the output dtype's smallest normal stored as 0;
 //   rows with grad_div == grad_ce == 0 are zero-filled without reading.
+// rows_forward_backward_ (the fused-linear chunk loop, whose coefficients are known up front):
+//   both, per block of rows while it is in L2, the gradient written over the student rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -175,12 +177,14 @@ void forward_rows(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
-template <int DIV, typename TS, typename TT>
+// IN_PLACE: the gradient overwrites the student rows (rows_forward_backward_), so every chunk goes
+// through O after its student chunk was read.
+template <int DIV, typename TS, typename TT, bool IN_PLACE = false>
 void backward_rows(const Args& a, int64_t begin, int64_t end) {
   alignas(64) float A[kChunk], B[kChunk], O[kChunk];
   const int64_t V = a.vocab;
   const bool t1 = a.inv_t == 1.0f;
-  constexpr bool direct = std::is_same_v<TS, float>;
+  constexpr bool direct = std::is_same_v<TS, float> && !IN_PLACE;
   constexpr float thr = kFlushBelow;
   for (int64_t row = begin; row < end; ++row) {
     TS* g = static_cast<TS*>(a.grad) + row * V;
@@ -353,9 +357,50 @@ at::Tensor rows_backward_cpu(const at::Tensor& grad_div, const at::Tensor& grad_
   return grad;
 }
 
+// Forward and backward of each block of rows back to back, the gradient written over the student
+// rows: for callers that know grad_div and grad_ce before the forward (the fused-linear chunk
+// loop, distillkit/core/fused_linear.py). A block (parallel_rows: ~64K elements) is still in L2
+// when its backward reads it, and the gradient needs no fresh buffer to page in: the rows cross
+// memory once instead of three times. The same row functions as the two ops, so the same values.
+std::tuple<at::Tensor, at::Tensor> rows_forward_backward_cpu(
+    const at::Tensor& grad_div, const at::Tensor& grad_ce, const at::Tensor& student,
+    const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels, int64_t divergence,
+    double param_a, double param_b, double temperature, int64_t ignore_index, bool with_ce, int64_t div_vocab) {
+  const Rows r = check_rows_forward(student, teacher, labels, divergence, param_a, param_b, temperature, with_ce,
+                                    div_vocab, at::kCPU);
+  const auto opts = student.options().dtype(at::kFloat);
+  at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 8}, opts);
+  check_rows_backward(grad_div, grad_ce, student, teacher, labels, stats, divergence, param_a, param_b, temperature,
+                      with_ce, div_vocab, at::kCPU);
+  TORCH_CHECK(r.n <= 1 || r.s_stride == r.vocab, "student must be contiguous (it receives the gradient); got strides ",
+              student.strides());
+  Args a{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
+  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(param_a));
+  if (divergence == kAlphaBeta) a.ab = make_alpha_beta(param_a, param_b);
+  a.grad_div = grad_div.data_ptr<float>();
+  a.grad_ce = grad_ce.data_ptr<float>();
+  a.gd_stride = grad_div.stride(0);
+  a.gc_stride = grad_ce.stride(0);
+  a.div = div.data_ptr<float>();
+  a.ce = ce.data_ptr<float>();
+  a.stats = stats.data_ptr<float>();
+  a.grad = student.data_ptr();
+  const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
+  dispatch<c10::BFloat16, c10::Half>(divergence, student.scalar_type(), tt, [&](auto d, auto s_tag, auto t_tag) {
+    using TS = typename decltype(s_tag)::type;
+    using TT = typename decltype(t_tag)::type;
+    parallel_rows(r.n, r.vocab, [&](int64_t b, int64_t e) {
+      forward_rows<decltype(d)::value, TS, TT>(a, b, e);
+      backward_rows<decltype(d)::value, TS, TT, true>(a, b, e);
+    });
+  });
+  return {div, ce};
+}
+
 }  // namespace distillkit::cpu
 
 TORCH_LIBRARY_IMPL(distillkit_ext, CPU, m) {
   m.impl("rows_forward", &distillkit::cpu::rows_forward_cpu);
   m.impl("rows_backward", &distillkit::cpu::rows_backward_cpu);
+  m.impl("rows_forward_backward_", &distillkit::cpu::rows_forward_backward_cpu);
 }

@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kMaxThreads) forward_stream_kernel(const FwdPa
   const int shift = shift_of(s);
   const int64_t groups = (Vd + shift + kVec - 1) / kVec;
   const bool t_vec = DIV != kNone && group_aligned(t, shift);
-  // else (m_1, ls_1) = (m_b, ls_b): the same sums when the divergence covers the whole row at T = 1
-  const bool ce_own = p.with_ce && (DIV == kNone || p.inv_t != 1.0f || Vd != V);
+  // else (m_1, ls_1) = (m_b, ls_b), the same sums, at T = 1 over the whole row; id 0 always (zeros without CE)
+  const bool ce_own = DIV == kNone || (p.with_ce && (p.inv_t != 1.0f || Vd != V));
 
   Pass1 st;
   if (ce_own && Vd != V) ce_tail(s, Vd, V, shift, st.m_s, st.z_s);
@@ -228,8 +228,8 @@ __global__ void __launch_bounds__(kMaxThreads) forward_smem_kernel(const FwdPara
     float sv[kVec], tv[kVec];
     load_group(s, start, Vd, true, sv);
     load_group(t, start, Vd, t_vec, tv);
-    store_vec8(s_sm + g * kVec, sv);  // exact: the values came from TS / TT
-    store_vec8(t_sm + g * kVec, tv);
+    store_vec8<TS, false>(s_sm + g * kVec, sv);  // exact: the values came from TS / TT
+    store_vec8<TT, false>(t_sm + g * kVec, tv);
     pass1_group<DIV>(st, sv, tv, p.inv_t, ce_own);
   }
   RowOut r = finish_pass1<DIV>(st, smem, p.inv_t);  // its barriers also order the row stores
@@ -291,10 +291,11 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p
   const bool div_nan = use_div && c != c;
   // the teacher is taken relative to ref for reverse KL (div_grad), to m_t otherwise
   const float m_a = DIV == kReverseKL ? stp[7] : stp[0], ls_a = stp[1], m_b = stp[2], ls_b = stp[3];
-  const float m_1 = stp[5], ls_1 = stp[6];
+  const float m_1 = stp[5], ls_1_2 = stp[6] * kLog2e;  // log2 units: one FFMA before the ex2
   const bool ce_fold = use_div && p.inv_t == 1.0f && Vd == V;  // softmax(s) is q: one exp less
-  const bool ce_own = gc != 0.0f && !ce_fold;
+  const bool ce_own = DIV == kNone || (gc != 0.0f && !ce_fold);  // id 0: gc != 0 here (masked rows returned)
   const float coef = gd * p.inv_t, ce_coef = ce_fold ? gc : 0.0f;
+  const float k2 = p.inv_t * kLog2e, ls_a2 = ls_a * kLog2e, ls_b2 = ls_b * kLog2e;  // the KLs' exponents, log2 units
   const bool t_vec = DIV != kNone && group_aligned(t, shift);
 
   by_form<DIV>(dp, [&](auto form) {
@@ -313,29 +314,30 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(const BwdParams p
           load_group(t, start, Vd, t_vec, tv);
           auto term = [&](int i) {
             const float ra = tv[i] - m_a, rb = sv[i] - m_b;
-            const float lp = ra * p.inv_t - ls_a, lq = rb * p.inv_t - ls_b;  // lp: dead for reverse KL
-            const float pj = fexp(lp), qj = fexp(lq);
+            constexpr bool pq = is_online(DIV) || DIV == kTVD;  // p and q alone: exponents in log2, one FFMA each
+            const float lp = pq ? 0.0f : ra * p.inv_t - ls_a, lq = pq ? 0.0f : rb * p.inv_t - ls_b;
+            const float pj = pq ? fexp2(ra * k2 - ls_a2) : fexp(lp), qj = pq ? fexp2(rb * k2 - ls_b2) : fexp(lq);
             const float rel = (rb - ra) * p.inv_t;  // reverse KL only (div_grad)
             return coef * div_grad<DIV, decltype(form)::value>(lp, lq, pj, qj, rel, c, dp) + ce_coef * qj;
           };
-          if (start + kVec <= Vd) {
 #pragma unroll
-            for (int i = 0; i < kVec; ++i) out[i] = term(i);
-          } else {  // the group holding div_vocab: no divergence gradient past it
+          for (int i = 0; i < kVec; ++i) out[i] = term(i);
+          if (start + kVec > Vd) {  // the group holding div_vocab: no divergence gradient past it
 #pragma unroll
-            for (int i = 0; i < kVec; ++i) out[i] = start + i < Vd ? term(i) : 0.0f;
+            for (int i = 0; i < kVec; ++i) out[i] = start + i < Vd ? out[i] : 0.0f;
           }
         }
       }
       if (ce_own) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) out[i] += gc * fexp((sv[i] - m_1) - ls_1);
+        for (int i = 0; i < kVec; ++i) out[i] += gc * fexp2((sv[i] - m_1) * kLog2e - ls_1_2);
+      }
+      if (static_cast<uint64_t>(y - start) < kVec) {  // the label's group (y = -1: none): once per row
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) out[i] -= start + i == y ? gc : 0.0f;  // unrolled: no dynamic register index
       }
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        if (start + i == y) out[i] -= gc;  // unrolled compare: no dynamic register index
-        out[i] = flush(out[i], kFlushBelow);
-      }
+      for (int i = 0; i < kVec; ++i) out[i] = flush(out[i], kFlushBelow);
       store_group(gr, start, V, g_vec, out);
     }
   });

@@ -20,6 +20,14 @@ constexpr int kMaxThreads = 512;    // forward blocks (<= 128 registers per thre
 constexpr int kBwdThreads = 256;
 constexpr int kBwdGroupsPerThread = 4;
 
+// 2^x by ex2.approx.ftz (distill_math.h, fexp): the loops fold log2(e) / T into one multiplier.
+constexpr float kLog2e = ExpConsts::log2e;
+__device__ __forceinline__ float fexp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // -- element access ---------------------------------------------------------------
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -49,10 +57,8 @@ __device__ __forceinline__ void load_vec8(const T* __restrict__ p, float (&v)[kV
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float2 f;
-      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-        __nv_bfloat162 h;
-        memcpy(&h, &words[i], 4);
-        f = __bfloat1622float2(h);
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // bf16 is fp32's high half: one shift or mask each
+        f = make_float2(__uint_as_float(words[i] << 16), __uint_as_float(words[i] & 0xffff0000u));
       } else {
         __half2 h;
         memcpy(&h, &words[i], 4);
@@ -64,24 +70,38 @@ __device__ __forceinline__ void load_vec8(const T* __restrict__ p, float (&v)[kV
   }
 }
 
-template <typename T>
+// One 16-byte store to a 16-byte aligned address; kGlobal: st.global.v4 spelled out (NVVM split the
+// plain uint4 / float4 stores of the backward's loop into four 4-byte ones), else a plain store.
+template <bool kGlobal>
+__device__ __forceinline__ void store16(void* p, uint4 w) {
+  if constexpr (kGlobal) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+                 : "memory");
+  } else {
+    *reinterpret_cast<uint4*>(p) = w;
+  }
+}
+
+template <typename T, bool kGlobal = true>
 __device__ __forceinline__ void store_vec8(T* __restrict__ p, const float (&v)[kVec]) {
   if constexpr (std::is_same_v<T, float>) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    store16<kGlobal>(p, make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                                   __float_as_uint(v[3])));
+    store16<kGlobal>(p + 4, make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]),
+                                       __float_as_uint(v[7])));
   } else {
-    uint32_t words[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    auto pack = [&](int i) {  // two elements in one word, as __floats2*2_rn rounds them
+      uint32_t w;
       if constexpr (std::is_same_v<T, __nv_bfloat16>) {
         const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-        memcpy(&words[i], &h, 4);
+        memcpy(&w, &h, 4);
       } else {
         const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-        memcpy(&words[i], &h, 4);
+        memcpy(&w, &h, 4);
       }
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+      return w;
+    };
+    store16<kGlobal>(p, make_uint4(pack(0), pack(1), pack(2), pack(3)));
   }
 }
 
@@ -179,9 +199,9 @@ __device__ __forceinline__ void lse_group(const float (&x)[kVec], float inv_t, f
     z *= shift_scale(m, gm, inv_t);
     m = gm;
   }
-  const float ref = safe_ref(m);
+  const float ref = safe_ref(m), k = inv_t * kLog2e;
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) z += fexp((x[i] - ref) * inv_t);
+  for (int i = 0; i < kVec; ++i) z += fexp2((x[i] - ref) * k);
 }
 
 // One-pass KL state (m, z, w, ref) of x against y (distill_math.h, kl_move), over a group:
@@ -197,11 +217,11 @@ __device__ __forceinline__ void kl_group(const float (&x)[kVec], const float (&y
     for (int i = 0; i < kVec; ++i) gr = x[i] == gm ? fmaxf(gr, y[i]) : gr;
     kl_move(m, z, w, ref, gm, gr > kNegInf ? gr : ref, inv_t);
   }
-  const float mr = safe_ref(m);
+  const float mr = safe_ref(m), k = inv_t * kLog2e;
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
     const float dx = x[i] - mr;
-    const float e = fexp(dx * inv_t);
+    const float e = fexp2(dx * k);
     z += e;
     w += e > 0.0f ? e * (dx - (y[i] - ref)) : 0.0f;
   }

@@ -91,15 +91,20 @@ struct ExpConsts {
 };
 
 // exp(x). Device: the MUFU approximation (rel. error ~1e-6 near 0, the terms
-// that matter). Host: branch-free, so the loops that call it vectorize: 2^n by
-// building the exponent bits, e^r on |r| <= ln2/2 by a degree-5 polynomial
-// (rel. error < 2e-7). exp(-inf) = 0 exactly and anything below the smallest
-// normal float is 0 (masked entries must give 0, never NaN); NaN propagates
+// that matter), 2^(x log2 e) by ex2.approx.ftz: two instructions (FMUL, MUFU.EX2), and
+// results below the smallest normal float are 0, as on the host (__expf's non-ftz ex2
+// spent a compare and two predicated multiplies on producing those subnormals).
+// Host: branch-free, so the loops that call it vectorize: 2^n by building the
+// exponent bits, e^r on |r| <= ln2/2 by a degree-5 polynomial (rel. error < 2e-7).
+// exp(-inf) = 0 exactly and anything below the smallest normal float is 0
+// (masked entries must give 0, never NaN); NaN propagates
 // (it survives both clamps). Arguments here are <= ~0 (x - max, log-probs);
 // the upper clamp only keeps garbage statistics from wrapping the exponent.
 DK_HD float fexp(float x) {
 #if defined(__CUDA_ARCH__)
-  return __expf(x);
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * ExpConsts::log2e));
+  return y;
 #else
   using K = ExpConsts;
   float xc = x < K::lo ? K::lo : x;

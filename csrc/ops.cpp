@@ -126,6 +126,12 @@ TORCH_LIBRARY(distillkit_ext, m) {
       "rows_backward(Tensor grad_div, Tensor grad_ce, Tensor student, Tensor? teacher, Tensor? labels, "
       "Tensor stats, int divergence, float param_a, float param_b, float temperature, int ignore_index, "
       "bool with_ce, int div_vocab) -> Tensor");
+  // CPU only: both of the above on each block of rows, the gradient written over the student rows (the
+  // fused-linear chunk loop, which knows grad_div and grad_ce up front: distillkit/core/backends/cpu_fused.py).
+  m.def(
+      "rows_forward_backward_(Tensor grad_div, Tensor grad_ce, Tensor(a!) student, Tensor? teacher, "
+      "Tensor? labels, int divergence, float param_a, float param_b, float temperature, int ignore_index, "
+      "bool with_ce, int div_vocab) -> (Tensor, Tensor)");
 }
 
 // `import distillkit._C` needs a module init function; the ops above are the payload. The one

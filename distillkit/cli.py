@@ -77,7 +77,25 @@ def main(argv=None) -> int:
         print(f"distillkit: {problem}", file=sys.stderr)
         return 2
     code = entry(rest)
+    if args.command == "kernels":
+        _cuda_model_table(rest)
     return int(code or 0)
+
+
+def _cuda_model_table(rest: list[str]) -> None:
+    """After `distillkit kernels`' tables: the CUDA kernels' per-element model (distillkit.tools.cuda_report,
+    from the rows the report just compiled or cached), unless --no-cuda or --no-model."""
+    if {"-h", "--help", "--no-cuda", "--no-model"} & set(rest):
+        return
+    try:
+        from distillkit.tools import cuda_report
+
+        rows = cuda_report.report()
+    except Exception as e:  # noqa: BLE001 - the Triton report above has already said why, if it could not
+        print(f"CUDA kernel model unavailable: {e}")
+        return
+    print()
+    cuda_report.print_model_table(rows)
 
 
 if __name__ == "__main__":

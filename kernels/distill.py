@@ -18,12 +18,15 @@ fma whose rounding error is then exponentiated. A row with a NaN or +inf, or
 with no finite entry, defines no distribution: its D and c are NaN. Gradient
 entries below the smallest normal fp32 are stored as 0.
 
-Memory traffic (one unit = one read of one [N, V] logits tensor):
-- forward_kl / reverse_kl: one online pass over s and t (2 units); D comes
-  from running sums rescaled like the online-softmax normalizer.
-- jsd / skew / tvd / alpha_beta: terms need both normalizers first, so two passes (4).
-- backward: one read of s and t and one write of the gradient (3).
-- CE only (DIVERGENCE == 0): the teacher is never read (1 + 2 units).
+Memory traffic (one unit = one read of one [N, V] logits tensor): forward_kl / reverse_kl one online pass
+over s and t (2 units), D from running sums rescaled like the online-softmax normalizer; jsd / skew / tvd /
+alpha_beta need both normalizers first, two passes (4); backward 3 (read s, t; write grad); CE only
+(DIVERGENCE == 0) never reads the teacher (1 + 2).
+
+The vocabulary loops keep their running state per lane (a block is a [BLOCK_V // VEC, VEC] tile, a lane
+the VEC consecutive ids of one thread's 16-byte load): reductions along a lane stay in the thread, and the
+lanes merge into the row once after the loop, with the shift and rescale of a moving max. Exponentials
+are exp2 of a prescaled argument (ex2.approx.ftz: no range checks; a result below 2**-126 is 0).
 
 The divergence covers the first div_vocab_size ids (== vocab_size unless teacher
 and student vocabularies differ and are truncated to the shared ids); the
@@ -43,10 +46,11 @@ SKEW_REVERSE_KL = tl.constexpr(5)
 TVD = tl.constexpr(6)
 ALPHA_BETA = tl.constexpr(7)
 
-# Per row (distillkit/core/backends/_rows.py): max t, log-sum at T (teacher); max s, log-sum at T (student);
-# c; max s, log-sum at T = 1 (CE over the whole vocabulary); for the one-pass KLs the other side's logit
-# at the weighting side's argmax (the reference of their cancellation-free sums; 0 otherwise).
+# Per row (distillkit/core/backends/_rows.py): max t, log-sum at T (teacher); max s, log-sum at T (student); c; max s,
+# log-sum at T = 1 (CE, whole vocabulary); the one-pass KLs' ref (other side's logit at the argmax; 0 otherwise).
 NUM_STATS = tl.constexpr(8)
+# A lane's initial max: finite, so no step needs a guard against -inf - -inf (an empty row's max is -inf again).
+LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -56,42 +60,77 @@ def _row_offset(row, n_inner, stride_outer, stride_inner):
 
 
 @triton.jit
-def _safe_max(m):
-    # exp(x - m) with m = -inf (a fully masked block so far) must give 0, not NaN.
-    return tl.where(m == float("-inf"), 0.0, m)
+def _vector_width(student_ptr, teacher_ptr, READS_TEACHER: tl.constexpr):
+    """Elements in one thread's 16-byte load of the widest streamed dtype: a lane's contiguous ids."""
+    S_BITS: tl.constexpr = student_ptr.dtype.element_ty.primitive_bitwidth
+    T_BITS: tl.constexpr = teacher_ptr.dtype.element_ty.primitive_bitwidth if READS_TEACHER else 8
+    return tl.constexpr(128 // S_BITS if S_BITS >= T_BITS else 128 // T_BITS)
 
 
 @triton.jit
-def _online_lse_step(m, z, x, inv_temperature):
-    """Merge block x (raw logits) into the running (raw max m, sum z of exp((x - m) / T))."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    m_ref = _safe_max(m_new)
-    z = z * tl.exp((m - m_ref) * inv_temperature) + tl.sum(tl.exp((x - m_ref) * inv_temperature), 0)
+def _lane_tile(BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """Offsets of a block as a [BLOCK_V // VEC, VEC] tile: each row (a lane) is VEC consecutive ids that one
+    thread loads at once, so reductions along axis 1 stay in the thread (no shuffles, no barriers)."""
+    return tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+
+
+@triton.jit
+def _lane_lse_step(m, z, x, scale):
+    """Merge tile x [lanes, VEC] into each lane's raw max m and sum z of 2^((x - m) scale), scale = log2(e)/T."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    z = z * tl.exp2((m - m_new) * scale) + tl.sum(tl.exp2((x - m_new[:, None]) * scale), 1)
     return m_new, z
 
 
 @triton.jit
-def _online_kl_step(m, z, w, ref, x, y, inv_temperature):
-    """One-pass KL(softmax(x/T) || softmax(y/T)): merge block x, y into the running raw max m of x,
-    z = sum e^((x - m)/T) and w = sum e^((x - m)/T) ((x - m) - (y - ref)), where ref is y at x's argmax.
+def _merge_lse_lanes(m, z, scale):
+    """The row's (raw max, sum) from the lanes' running (m, z)."""
+    row_max = tl.max(m, 0)
+    z = tl.sum(z * tl.exp2((m - row_max) * scale), 0)
+    return tl.where(z == 0, float("-inf"), row_max), z
 
+
+@triton.jit
+def _max_and_partner(x1, y1, x2, y2):  # tl.reduce combine: the larger x with the y beside it
+    return tl.maximum(x1, x2), tl.where(x2 > x1, y2, y1)
+
+
+@triton.jit
+def _shift_kl(m, z, w, ref, m_new, ref_new, scale):
+    """(m, z, w, ref) moved to the new raw max m_new and reference ref_new: the old terms shift by
+    (m - m_new) + (ref_new - ref) and rescale. w = +inf stays +inf (not inf * 0); z = 0 adds nothing."""
+    rescale = tl.exp2((m - m_new) * scale)
+    shifted = tl.where(z > 0, w + z * ((m - m_new) + (ref_new - ref)), w)
+    return z * rescale, tl.where(shifted == float("inf"), shifted, shifted * rescale)
+
+
+@triton.jit
+def _lane_kl_step(m, z, w, ref, x, y, scale):
+    """One-pass KL(softmax(x/T) || softmax(y/T)) per lane: merge tile x, y [lanes, VEC] into each lane's raw max
+    m of x, z = sum e^((x - m)/T) and w = sum e^((x - m)/T) ((x - m) - (y - ref)), ref = y at x's argmax.
     Terms are kept relative to x's mode on both sides, so the dominant term is exactly 0 and nothing of
-    the size of the logits cancels later (at +-1e4, terms y - x rounded to 1e-3 did). When the max moves,
-    the old terms shift by (m - m_new) + (ref_new - ref) and rescale. A masked y (-inf) at the mode
-    keeps the old (finite) ref; its +inf term makes w, and so the divergence, +inf. Entries with
-    e = 0 (x = -inf) contribute 0, not 0 * inf."""
-    block_max = tl.max(x, 0)
-    block_ref = tl.max(tl.where(x == block_max, y, float("-inf")), 0)
+    the size of the logits cancels later (at +-1e4, terms y - x rounded to 1e-3 did). A masked y (-inf) at
+    the mode keeps the old (finite) ref; its +inf term makes w, and so D, +inf. e = 0 adds 0, not 0 * inf."""
+    block_max, block_ref = tl.reduce((x, y), 1, _max_and_partner)
     moved = (block_max > m) & (block_ref > float("-inf"))
     m_new = tl.maximum(m, block_max)
     ref_new = tl.where(moved, block_ref, ref)
-    m_ref = _safe_max(m_new)
-    rescale = tl.exp((m - m_ref) * inv_temperature)
-    shifted = tl.where(z > 0, w + z * ((m - m_ref) + (ref_new - ref)), w)
-    e = tl.exp((x - m_ref) * inv_temperature)
-    terms = tl.where(e > 0, e * ((x - m_ref) - (y - ref_new)), 0.0)
-    w = tl.where(shifted == float("inf"), shifted, shifted * rescale) + tl.sum(terms, 0)
-    return m_new, z * rescale + tl.sum(e, 0), w, ref_new
+    z, w = _shift_kl(m, z, w, ref, m_new, ref_new, scale)
+    rel = x - m_new[:, None]
+    e = tl.exp2(rel * scale)
+    # e * (0 where e = 0): the product feeds the sum directly (one FFMA)
+    terms = e * tl.where(e > 0, rel - (y - ref_new[:, None]), 0.0)
+    return m_new, z + tl.sum(e, 1), w + tl.sum(terms, 1), ref_new
+
+
+@triton.jit
+def _merge_kl_lanes(m, z, w, ref, scale):
+    """The row's (m, z, w, ref) from the lanes': the same shift to the row's max and the ref of its lane."""
+    row_max = tl.max(m, 0)
+    row_ref = tl.max(tl.where(m == row_max, ref, float("-inf")), 0)
+    z, w = _shift_kl(m, z, w, ref, row_max, row_ref, scale)
+    z = tl.sum(z, 0)
+    return tl.where(z == 0, float("-inf"), row_max), z, tl.sum(w, 0), row_ref
 
 
 @triton.jit
@@ -101,9 +140,10 @@ def _is_finite(x):
 
 @triton.jit
 def _log_probs(x, m, ls, inv_temperature):
-    """((x - m) / T, log softmax(x / T)) from a row's saved raw max m and log-sum ls."""
-    rel = (x - m) * inv_temperature
-    return rel, rel - ls
+    """(log softmax(x / T), softmax(x / T)) from a row's saved raw max m and log-sum ls. exp2 of the log in
+    base 2 (ex2.approx.ftz: no range-check instructions; an output below 2**-126 is 0, never stored anyway)."""
+    log_p = (x - m) * inv_temperature - ls
+    return log_p, tl.exp2(log_p * 1.4426950408889634)
 
 
 @triton.jit
@@ -174,32 +214,30 @@ def _alpha_beta_terms(log_p, log_q, p, q, alpha, beta):
 
 
 @triton.jit
-def _terms_sums(s_row, t_row, div_vocab_size, m_t, ls_a, m_s, ls_b, param_a, param_b, inv_temperature,
-                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """(sum_j d_j, sum_j h_j) over a row's first div_vocab_size ids, with log p and log q from the given raw
-    maxima and log-sums: the second pass of the two-pass divergences (the row's own normalizers in the
-    core forward, the global ones in the vocabulary-parallel shard pass)."""
-    cols = tl.arange(0, BLOCK_V)
-    d_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
+def _terms_sums(s_row, t_row, div_vocab_size, m_t, ls_a, m_b, ls_b, param_a, param_b, inv_temperature,
+                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """(sum_j d_j, sum_j h_j) over a row's first div_vocab_size ids from the given raw maxima and log-sums: the
+    second pass of the two-pass divergences (own normalizers in the core forward, global in the shard pass)."""
+    tile = _lane_tile(BLOCK_V, VEC)
+    d_sum = tl.zeros([BLOCK_V // VEC], tl.float32)
     h_sum = d_sum
     for start in range(0, div_vocab_size, BLOCK_V):
-        offs = start + cols
+        offs = start + tile
         in_row = offs < div_vocab_size
         t = tl.load(t_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
         s = tl.load(s_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-        _, log_p = _log_probs(t, m_t, ls_a, inv_temperature)
-        _, log_q = _log_probs(s, m_s, ls_b, inv_temperature)
-        d, h = _divergence_terms(log_p, log_q, tl.exp(log_p), tl.exp(log_q), param_a, param_b, DIVERGENCE)
-        d_sum += tl.sum(tl.where(in_row, d, 0.0), 0)
-        h_sum += tl.sum(tl.where(in_row, h, 0.0), 0)
-    return d_sum, h_sum
+        log_p, p = _log_probs(t, m_t, ls_a, inv_temperature)
+        log_q, q = _log_probs(s, m_b, ls_b, inv_temperature)
+        d, h = _divergence_terms(log_p, log_q, p, q, param_a, param_b, DIVERGENCE)
+        d_sum += tl.sum(tl.where(in_row, d, 0.0), 1)
+        h_sum += tl.sum(tl.where(in_row, h, 0.0), 1)
+    return tl.sum(d_sum, 0), tl.sum(h_sum, 0)
 
 
 @triton.jit
 def _store_ce(row, s_row, labels_ptr, ce_ptr, m_s, z_s, ignore_index, vocab_size, WITH_CE: tl.constexpr):
-    """Store a row's ce = lse(s) - s[y] = (m - s[y]) + log z from the running raw (m_s, z_s): 0 for an
-    ignored or out-of-range label, NaN where s defines no distribution. Returns (m_s, log z_s), or
-    (0, 0) without CE; shared by the dense and top-k forwards."""
+    """Store a row's ce = lse(s) - s[y] = (m - s[y]) + log z from the raw (m_s, z_s): 0 for an ignored or out-of-range
+    label, NaN where s defines no distribution. Returns (m_s, log z_s), or (0, 0) without CE (dense and top-k)."""
     ce = m_s * 0.0
     ls_s = ce
     m_out = ce
@@ -221,44 +259,59 @@ def distill_forward_kernel(
     div_ptr, ce_ptr, stats_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
     vocab_size, div_vocab_size, param_a, param_b, inv_temperature, ignore_index,
-    DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr, SHARED_STUDENT: tl.constexpr = False,
 ):
-    """One program per row: per-row D, ce and the statistics the backward needs."""
+    """One program per row: per-row D, ce and the statistics the backward needs. SHARED_STUDENT (T == 1 and
+    div_vocab_size == vocab_size, with CE): the student at T and at 1 are one stream, computed once."""
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
     t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
-    cols = tl.arange(0, BLOCK_V)
+    VEC: tl.constexpr = _vector_width(student_ptr, teacher_ptr, DIVERGENCE != NONE)
+    tile = _lane_tile(BLOCK_V, VEC)
     NEG_INF: tl.constexpr = float("-inf")
-    zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)  # fp32 scalar for loop-carried state
-
-    m_t, z_a = zero + NEG_INF, zero  # teacher: raw max, sum of e^((t - m_t)/T)
-    m_b, z_b = zero + NEG_INF, zero  # student at T over the divergence ids
-    m_s, z_s = zero + NEG_INF, zero  # student at 1 (CE)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    # exponentials as exp2((x - m) * scale), the max subtracted first
+    scale = LOG2E if SHARED_STUDENT else inv_temperature * LOG2E
+    lanes = tl.zeros([BLOCK_V // VEC], tl.float32)  # running state per lane, merged once per row
+    m_t, z_a = lanes + LOWEST, lanes  # teacher: raw max, sum of e^((t - m_t)/T)
+    m_b, z_b = lanes + LOWEST, lanes  # student at T over the divergence ids
+    m_s, z_s = lanes + LOWEST, lanes  # student at 1 (CE)
     # forward_kl: w = sum e^((t-m_t)/T)((t-m_t) - (s-ref)), ref = s at t's argmax; reverse_kl: s and t swapped
-    w = zero
-    ref = zero
+    w, ref = lanes, lanes
 
     # Pass 1: online normalizers (and, for the KLs, D itself).
     for start in range(0, vocab_size, BLOCK_V):
-        offs = start + cols
+        offs = start + tile
         in_row = offs < vocab_size
         s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
-        if WITH_CE:
-            m_s, z_s = _online_lse_step(m_s, z_s, s, 1.0)
+        if WITH_CE and not SHARED_STUDENT:
+            m_s, z_s = _lane_lse_step(m_s, z_s, s, LOG2E)
         if DIVERGENCE != NONE:
-            in_div = offs < div_vocab_size
+            in_div = in_row if SHARED_STUDENT else offs < div_vocab_size
+            sd = s if SHARED_STUDENT else tl.where(in_div, s, NEG_INF)
             t = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32)
-            sd = tl.where(in_div, s, NEG_INF)
             if DIVERGENCE == FORWARD_KL:
-                m_t, z_a, w, ref = _online_kl_step(m_t, z_a, w, ref, t, sd, inv_temperature)
-                m_b, z_b = _online_lse_step(m_b, z_b, sd, inv_temperature)
+                m_t, z_a, w, ref = _lane_kl_step(m_t, z_a, w, ref, t, sd, scale)
+                m_b, z_b = _lane_lse_step(m_b, z_b, sd, scale)
             elif DIVERGENCE == REVERSE_KL:
-                m_b, z_b, w, ref = _online_kl_step(m_b, z_b, w, ref, sd, t, inv_temperature)
-                m_t, z_a = _online_lse_step(m_t, z_a, t, inv_temperature)
+                m_b, z_b, w, ref = _lane_kl_step(m_b, z_b, w, ref, sd, t, scale)
+                m_t, z_a = _lane_lse_step(m_t, z_a, t, scale)
             else:
-                m_t, z_a = _online_lse_step(m_t, z_a, t, inv_temperature)
-                m_b, z_b = _online_lse_step(m_b, z_b, sd, inv_temperature)
+                m_t, z_a = _lane_lse_step(m_t, z_a, t, scale)
+                m_b, z_b = _lane_lse_step(m_b, z_b, sd, scale)
 
+    if DIVERGENCE == FORWARD_KL:
+        m_t, z_a, w, ref = _merge_kl_lanes(m_t, z_a, w, ref, scale)
+    else:
+        m_t, z_a = _merge_lse_lanes(m_t, z_a, scale)
+    if DIVERGENCE == REVERSE_KL:
+        m_b, z_b, w, ref = _merge_kl_lanes(m_b, z_b, w, ref, scale)
+    else:
+        m_b, z_b = _merge_lse_lanes(m_b, z_b, scale)
+    m_s, z_s = (m_b, z_b) if SHARED_STUDENT else _merge_lse_lanes(m_s, z_s, LOG2E)
+    zero = tl.sum(lanes, 0)  # fp32 scalar 0
+    if DIVERGENCE != FORWARD_KL and DIVERGENCE != REVERSE_KL:
+        ref = zero
     ls_a = tl.log(z_a)
     ls_b = tl.log(z_b)
     div = zero
@@ -274,7 +327,7 @@ def distill_forward_kernel(
     elif DIVERGENCE != NONE:
         # Pass 2: the two-pass divergences need both normalized distributions.
         div, c = _terms_sums(s_row, t_row, div_vocab_size, m_t, ls_a, m_b, ls_b, param_a, param_b, inv_temperature,
-                             DIVERGENCE, BLOCK_V)
+                             DIVERGENCE, BLOCK_V, VEC)
     if DIVERGENCE != NONE:
         # A row with a NaN or +inf, or nothing finite, defines no distribution (docs/DESIGN.md).
         defined = _is_finite(m_t) & _is_finite(ls_a) & _is_finite(m_b) & _is_finite(ls_b)
@@ -320,7 +373,7 @@ def _store_grad_block(
     row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
     vocab_size, div_vocab_size, param_a, param_b, inv_temperature,
-    DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr, SHARED_STUDENT: tl.constexpr,
 ):
     """One block of grad_s = g_div / T * (h - q c) + g_ce * (softmax(s) - onehot(label)) from the row's stats,
     stored in the student dtype; shared by the core and the vocabulary-parallel backward kernels, which differ
@@ -337,23 +390,27 @@ def _store_grad_block(
         stats_row = stats_ptr + row * NUM_STATS
         s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
         grad = tl.zeros([BLOCK_V], tl.float32)
+        softmax_s = grad
+        if SHARED_STUDENT:  # T = 1 and the same ids: q is softmax(s), one exponential for both
+            _, softmax_s = _log_probs(s, tl.load(stats_row + 5), tl.load(stats_row + 6), 1.0)
         # Skip, not multiply by 0: a row weighted out of the divergence may have a NaN or infinite one.
         if DIVERGENCE != NONE:
             if g_div != 0:
                 t_row = teacher_ptr + _row_offset(row, t_n_inner, t_stride_outer, t_stride_inner)
-                in_div = offs < div_vocab_size
+                in_div = in_row if SHARED_STUDENT else offs < div_vocab_size
+                sd = s if SHARED_STUDENT else tl.where(in_div, s, NEG_INF)
+                if SHARED_STUDENT:
+                    log_q, q = (s - tl.load(stats_row + 2)) - tl.load(stats_row + 3), softmax_s
+                else:
+                    log_q, q = _log_probs(sd, tl.load(stats_row + 2), tl.load(stats_row + 3), inv_temperature)
                 t = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32)
-                _, log_p = _log_probs(t, tl.load(stats_row + 0), tl.load(stats_row + 1), inv_temperature)
-                _, log_q = _log_probs(tl.where(in_div, s, NEG_INF), tl.load(stats_row + 2),
-                                        tl.load(stats_row + 3), inv_temperature)
-                p = tl.exp(log_p)
-                q = tl.exp(log_q)
+                log_p, p = _log_probs(t, tl.load(stats_row + 0), tl.load(stats_row + 1), inv_temperature)
                 c = tl.load(stats_row + 4)
                 if DIVERGENCE == FORWARD_KL:
                     d_db = q - p  # h - q c with h = -p, c = -1, without the cancellation
                 elif DIVERGENCE == REVERSE_KL:
                     # (s - m_b) - (t - ref): exactly the forward's term, 0 at the mode
-                    rel = ((tl.where(in_div, s, NEG_INF) - tl.load(stats_row + 2)) - (t - tl.load(stats_row + 7)))
+                    rel = (sd - tl.load(stats_row + 2)) - (t - tl.load(stats_row + 7))
                     d_db = tl.where(q > 0, q * (rel * inv_temperature - c), 0.0)
                 else:
                     _, h = _divergence_terms(log_p, log_q, p, q, param_a, param_b, DIVERGENCE)
@@ -362,9 +419,9 @@ def _store_grad_block(
                 grad += (g_div * inv_temperature) * d_db
         if WITH_CE:
             if g_ce != 0:
-                _, log_softmax_s = _log_probs(s, tl.load(stats_row + 5), tl.load(stats_row + 6), 1.0)
-                onehot = tl.where(offs == label, 1.0, 0.0)
-                grad += g_ce * (tl.exp(log_softmax_s) - onehot)
+                if not SHARED_STUDENT:
+                    _, softmax_s = _log_probs(s, tl.load(stats_row + 5), tl.load(stats_row + 6), 1.0)
+                grad += g_ce * (softmax_s - tl.where(offs == label, 1.0, 0.0))
         # No fp32/bf16 subnormal is stored (backends/_rows.py FLUSH_BELOW says why, and why fp16 keeps its own).
         grad = tl.where(tl.abs(grad) < 1.1754943508222875e-38, 0.0, grad)
         tl.store(grad_row + offs, tl.where(in_row, grad, 0.0).to(out_dtype), mask=in_row)
@@ -375,10 +432,9 @@ def distill_backward_kernel(
     grad_div_ptr, grad_ce_ptr, student_ptr, teacher_ptr, labels_ptr, stats_ptr, grad_ptr,
     s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
     vocab_size, div_vocab_size, param_a, param_b, inv_temperature, ignore_index,
-    DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_V: tl.constexpr, SHARED_STUDENT: tl.constexpr = False,
 ):
-    """Grid (rows, vocabulary blocks):
-    grad_s = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y)), in the student dtype."""
+    """Grid (rows, vocabulary blocks): grad_s = grad_div / T * (h - q c) + grad_ce * (softmax(s) - onehot(y))."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_row = offs < vocab_size
@@ -386,4 +442,5 @@ def distill_backward_kernel(
                                            WITH_CE, True)
     _store_grad_block(row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
                       s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-                      vocab_size, div_vocab_size, param_a, param_b, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)
+                      vocab_size, div_vocab_size, param_a, param_b, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V,
+                      SHARED_STUDENT)

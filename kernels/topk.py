@@ -36,8 +36,10 @@ without CE; backward one read of s and one write of the dense gradient (2 units)
 import triton
 import triton.language as tl
 
-from .distill import (FORWARD_KL, NONE, REVERSE_KL, _online_lse_step, _row_coefficients, _row_offset, _safe_max,
-                      _store_ce)
+from .distill import (FORWARD_KL, LOWEST, NONE, REVERSE_KL, _lane_lse_step, _lane_tile, _merge_lse_lanes,
+                      _row_coefficients, _row_offset, _store_ce, _vector_width)
+
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # The tails (TAIL), as numbered in distillkit/sparse/reference.py's TAIL_REGISTRY (tests check it).
 RENORMALIZE = tl.constexpr(1)
@@ -47,6 +49,12 @@ STUDENT_FULL = tl.constexpr(3)
 # The top-k stats row: (lse_norm (L, or lse_k(g) for renormalize), tail_stat (lq_tail for bucket, else
 # the teacher's mass P), D, lse(s)).
 NUM_STATS = tl.constexpr(4)
+
+
+@triton.jit
+def _safe_max(m):
+    # exp(x - m) with m = -inf (nothing finite) must give 0, not NaN.
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -88,19 +96,23 @@ def topk_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
     NEG_INF: tl.constexpr = float("-inf")
-    zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
-    m_b, z_b = zero + NEG_INF, zero  # b = s / T (the full softmax of bucket, student_full)
-    m_s, z_s = zero + NEG_INF, zero  # s (CE)
+    VEC: tl.constexpr = _vector_width(student_ptr, student_ptr, False)
+    lanes = tl.zeros([BLOCK_V // VEC], tl.float32)  # running state per lane (kernels/distill.py), merged once
+    zero = tl.sum(lanes, 0)
+    m_b, z_b = lanes + LOWEST, lanes  # b = s / T (the full softmax of bucket, student_full)
+    m_s, z_s = lanes + LOWEST, lanes  # s (CE)
     if FULL_PASS:
-        cols = tl.arange(0, BLOCK_V)
+        tile = _lane_tile(BLOCK_V, VEC)
         for start in range(0, vocab_size, BLOCK_V):
-            offs = start + cols
+            offs = start + tile
             s = tl.load(s_row + offs, mask=offs < vocab_size, other=NEG_INF).to(tl.float32)
             if WITH_CE:
-                m_s, z_s = _online_lse_step(m_s, z_s, s, 1.0)
+                m_s, z_s = _lane_lse_step(m_s, z_s, s, LOG2E)
             if DIVERGENCE != NONE:
                 if TAIL != RENORMALIZE:
-                    m_b, z_b = _online_lse_step(m_b, z_b, s * inv_temperature, 1.0)
+                    m_b, z_b = _lane_lse_step(m_b, z_b, s * inv_temperature, LOG2E)
+    m_b, z_b = _merge_lse_lanes(m_b, z_b, LOG2E)
+    m_s, z_s = _merge_lse_lanes(m_s, z_s, LOG2E)
 
     div = zero
     lse_norm = zero
@@ -194,14 +206,14 @@ def topk_backward_kernel(
             if DIVERGENCE != NONE:
                 if TAIL != RENORMALIZE:
                     if g_div != 0:
-                        q = tl.exp(s * inv_temperature - lse_norm)
+                        q = tl.exp2((s * inv_temperature - lse_norm) * LOG2E)  # ex2.ftz: no range checks
                         if TAIL == BUCKET:
                             out += tl.where(q > 0, (scale * tail_coef) * q, 0.0)
                         else:  # P is finite or NaN: no guard, a NaN row stays NaN everywhere (as the reference)
                             out += (scale * tail_coef) * q
             if WITH_CE:
                 if g_ce != 0:
-                    out += g_ce * (tl.exp(s - lse_s) - tl.where(offs == label, 1.0, 0.0))
+                    out += g_ce * (tl.exp2((s - lse_s) * LOG2E) - tl.where(offs == label, 1.0, 0.0))
             tl.store(grad_row + offs, out.to(out_dtype), mask=in_row)
         # Pass 2: the top-k ids get their own formula (a store, not an add: one rounding).
         if DIVERGENCE != NONE:

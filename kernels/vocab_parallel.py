@@ -24,7 +24,7 @@ every log-sum the global log-normalizer.
 import triton
 import triton.language as tl
 
-from .distill import NUM_STATS, _row_coefficients, _row_offset, _store_grad_block, _terms_sums
+from .distill import NUM_STATS, _row_coefficients, _row_offset, _store_grad_block, _terms_sums, _vector_width
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def shard_terms_kernel(
     stats_row = stats_ptr + row * NUM_STATS
     d_sum, h_sum = _terms_sums(s_row, t_row, div_vocab_size, tl.load(stats_row + 0), tl.load(stats_row + 1),
                                tl.load(stats_row + 2), tl.load(stats_row + 3), param_a, param_b, inv_temperature,
-                               DIVERGENCE, BLOCK_V)
+                               DIVERGENCE, BLOCK_V, _vector_width(student_ptr, teacher_ptr, True))
     tl.store(d_ptr + row, d_sum)
     tl.store(h_ptr + row, h_sum)
 
@@ -65,4 +65,5 @@ def shard_backward_kernel(
     g_div, g_ce, label = _row_coefficients(row, grad_div_ptr, grad_ce_ptr, labels_ptr, -1, vocab_size, WITH_CE, False)
     _store_grad_block(row, offs, in_row, g_div, g_ce, label, student_ptr, teacher_ptr, stats_ptr, grad_ptr,
                       s_n_inner, s_stride_outer, s_stride_inner, t_n_inner, t_stride_outer, t_stride_inner,
-                      vocab_size, div_vocab_size, param_a, param_b, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V)
+                      vocab_size, div_vocab_size, param_a, param_b, inv_temperature, DIVERGENCE, WITH_CE, BLOCK_V,
+                      False)

@@ -2,7 +2,9 @@
 
 The agents speak the ReAct text protocol of :mod:`distillkit.agents.protocol`; each step is
 proposed by an :class:`~distillkit.agents.policy.LMPolicy` with a confidence (the probability of
-its action or answer line), and this loop executes the tool and appends the observation.
+its action or answer line), and this loop hands it to the episode's environment
+(:mod:`distillkit.agents.environment`: a dictionary of tools, or any object with ``reset`` and
+``step``) and appends the observation.
 
 - :class:`Cascade` runs any number of tiers (small to large): a tier's step is
   accepted when its confidence is at least that tier's threshold, otherwise the
@@ -14,8 +16,8 @@ Both accept Hugging Face causal LMs with a ``tokenizers.Tokenizer`` or a Hugging
 Face tokenizer, run many queries as one batch (greedy decoding with a KV cache),
 and memoize proposals per exact context, so sweeping thresholds is cheap.
 
-ReActFormat, ParsedStep, encode_trajectory, Proposal and LMPolicy are re-exported here, where they
-were defined before the protocol and the policy got modules of their own.
+ReActFormat, ParsedStep, encode_trajectory, Proposal, LMPolicy and execute_tool are re-exported here,
+where they were defined before the protocol, the policy and the environments got modules of their own.
 """
 
 from __future__ import annotations
@@ -23,22 +25,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from .environment import Environment, ToolEnvironment, execute_tool
 from .policy import LMPolicy, Proposal
 from .protocol import ParsedStep, ReActFormat, encode_trajectory
 
 __all__ = ["ReActFormat", "ParsedStep", "Proposal", "LMPolicy", "StepRecord", "Episode", "Cascade",
-           "StudentAgent", "encode_trajectory", "execute_tool"]
-
-
-def execute_tool(tools: Mapping[str, Callable[..., Any]], call: Mapping[str, Any]) -> str:
-    """Run one tool call; any exception becomes an ``error: ...`` observation for the agent."""
-    fn = tools.get(call.get("name"))
-    if fn is None:
-        return f"error: unknown tool {call.get('name')!r}"
-    try:
-        return str(fn(**call.get("arguments", {})))
-    except Exception as exc:  # the agent sees the error and may recover
-        return f"error: {exc}"
+           "StudentAgent", "encode_trajectory", "execute_tool", "Environment", "ToolEnvironment"]
 
 
 @dataclasses.dataclass
@@ -112,24 +104,35 @@ class Cascade:
 
     tiers: ``LMPolicy`` objects or ``(model, tokenizer)`` pairs. thresholds: one per tier except the
     last (a longer list is cut); tier ``i``'s proposal is accepted when its confidence is
-    ``>= thresholds[i]``. The last tier's proposal is always accepted.
+    ``>= thresholds[i]``. The last tier's proposal is always accepted. The steps go to ``tools`` (a
+    dictionary of functions: :class:`ToolEnvironment`) or to ``environment``, a callable returning a fresh
+    :class:`Environment` per episode; exactly one of the two.
     """
 
-    def __init__(self, tiers: Sequence[PolicyLike], thresholds: Sequence[float], tools: Mapping[str, Callable],
-                 *, max_steps: int = 8, fmt: ReActFormat = ReActFormat()):
+    def __init__(self, tiers: Sequence[PolicyLike], thresholds: Sequence[float],
+                 tools: Optional[Mapping[str, Callable]] = None, *,
+                 environment: Optional[Callable[[], Environment]] = None, max_steps: int = 8,
+                 fmt: ReActFormat = ReActFormat()):
         if not tiers:
             raise ValueError("a cascade needs at least one tier")
         if len(thresholds) < len(tiers) - 1:
             raise ValueError(f"{len(tiers)} tiers need {len(tiers) - 1} thresholds, got {len(thresholds)}")
+        if (tools is None) == (environment is None):
+            raise ValueError("pass tools (a mapping of functions) or environment (a factory of environments), "
+                             "exactly one")
         self.fmt = fmt
         self.tiers = [_as_policy(t, fmt) for t in tiers]
         self.thresholds = [float(t) for t in thresholds[:len(tiers) - 1]]
         self.tools, self.max_steps = tools, max_steps
+        self.environment = environment if environment is not None else (lambda: ToolEnvironment(tools))
 
-    def run(self, queries: Sequence[str], progress: Optional[Callable] = None) -> list[Episode]:
-        """Run all queries to completion as one batch (one proposal round per step)."""
+    def run(self, tasks: Sequence, progress: Optional[Callable] = None) -> list[Episode]:
+        """Run all tasks (questions, or whatever the environment's ``reset`` takes) to completion as one batch
+        (one proposal round per step)."""
+        envs = [self.environment() for _ in tasks]
+        questions = [env.reset(task) for env, task in zip(envs, tasks)]
         episodes = [Episode(q, lines=[f"{self.fmt.prompt}{line}\n" for line in q.split("\n")])
-                    for q in queries]
+                    for q in questions]
         active = list(range(len(episodes)))
         for _ in range(self.max_steps):
             if not active:
@@ -151,7 +154,7 @@ class Cascade:
                         still.append(i)
                 pending = still
             for i in active:
-                self._apply(episodes[i], *accepted[i])
+                self._apply(episodes[i], envs[i], *accepted[i])
             active = [i for i in active if not episodes[i].done]
             if progress is not None:
                 progress(len(episodes) - len(active))
@@ -162,21 +165,26 @@ class Cascade:
     def run_one(self, query: str) -> Episode:
         return self.run([query])[0]
 
-    def _apply(self, episode: Episode, tier: int, prop: Proposal, confidences: list[float]) -> None:
+    def _apply(self, episode: Episode, env: Environment, tier: int, prop: Proposal, confidences: list[float]) -> None:
         parsed = self.fmt.parse_step(prop.text)
         context = list(episode.lines)
         record = StepRecord(prop.text, parsed.reasoning, parsed.tool_call, None, parsed.answer, tier,
                             list(confidences), context)
         episode.steps.append(record)
+        # The step's lines join the context even when it does not parse: an on-policy rollout trains on them.
+        episode.lines += [ln + "\n" for ln in prop.text.split("\n") if ln]
         if parsed.error is not None:
             episode.done, episode.error = True, f"unparseable step: {parsed.error}"
             return
-        episode.lines += [ln + "\n" for ln in prop.text.split("\n") if ln]
+        observation, done = env.step(parsed)
         if parsed.answer is not None:
-            episode.done, episode.answer = True, parsed.answer
+            episode.answer = parsed.answer
+        else:
+            record.tool_result = observation
+        if done:
+            episode.done = True
             return
-        record.tool_result = execute_tool(self.tools, parsed.tool_call)
-        episode.lines += [f"{self.fmt.observation}{line}\n" for line in record.tool_result.split("\n")]
+        episode.lines += [f"{self.fmt.observation}{line}\n" for line in str(observation).split("\n")]
 
 
 class StudentAgent(Cascade):

@@ -20,11 +20,13 @@ tensor normalizer. For reduction="none" the loss is per row, grad_output is a [N
 forward cannot anticipate, so the backward runs the chunk loop again (a second custom op) with
 per-row coefficients grad_output * coef.
 
-Memory: chunk logits, chunk gradient, the fp32 hidden-gradient [N, H] and weight-gradient [V, H]
-buffers; no [N, V] tensor. Everything is a custom op (opaque to torch.compile, fake implementations
-for shape propagation). Rows with no active term (coefficients both 0: prompts, tool output) skip both
-GEMMs and the row op (`row_compaction.py`): that costs the one host-device synchronization of an eager
-call (the optional label range check aside); under torch.compile nothing is compacted or synchronized.
+Memory: chunk logits (one buffer each, reused by every chunk), chunk gradient (on CPU the C++ kernel
+writes it over the student's chunk logits: backends/cpu_fused.py), the fp32 hidden-gradient [N, H] and
+weight-gradient [V, H] buffers; no [N, V] tensor. Everything is a custom op (opaque to torch.compile,
+fake implementations for shape propagation). Rows with no active term (coefficients both 0: prompts,
+tool output) skip both GEMMs and the row op (`row_compaction.py`): that costs the one host-device
+synchronization of an eager call (the optional label range check aside); under torch.compile nothing is
+compacted or synchronized.
 """
 
 from __future__ import annotations
@@ -32,17 +34,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, backends, divergences
+from .backends import cpu_fused
 from .ops import input_gradients  # also registers torch.ops.distillkit.distill_rows*
 from ._checks import Weight, is_literal_zero
 from .divergences import NO_DIVERGENCE
 from .dtensor import full_heads
 from .logit_transform import check_transform, transform_grad, transform_logits
-from .row_compaction import active_rows, put_rows, take_rows
-from ._reduce import count_active_tokens, mask_ignored_tokens, valid_labels
+from .row_compaction import active_rows, loss_coefficients, put_rows, take_rows
+from ._reduce import mask_ignored_tokens, valid_labels
 from .vocab import check_policy, shared_vocab_size
 
 # Bytes of chunk temporaries per token row, in units of V: student logits + their gradient (input
@@ -50,10 +52,13 @@ from .vocab import check_policy, shared_vocab_size
 _FP32_TEMPS_PER_ROW = 4
 
 
-def default_chunk_size(vocab: int, teacher_vocab: int, elem: int, teacher_elem: int, max_chunk_bytes: int) -> int:
+def default_chunk_size(vocab: int, teacher_vocab: int, elem: int, teacher_elem: int, max_chunk_bytes: int,
+                       in_place: bool = False) -> int:
     """The most token rows whose chunk temporaries fit in max_chunk_bytes (at least 1). Independent of the
-    number of rows, so that torch.compile does not specialize on it."""
-    per_row = vocab * (2 * elem + 4 * _FP32_TEMPS_PER_ROW) + teacher_vocab * teacher_elem
+    number of rows, so that torch.compile does not specialize on it. in_place: the C++ CPU kernel's fused op
+    (backends/cpu_fused.py) runs the rows; the chunk logits (their fp32 copy too) are its only temporaries."""
+    student = elem + (4 if elem != 4 else 0) if in_place else 2 * elem + 4 * _FP32_TEMPS_PER_ROW
+    per_row = vocab * student + teacher_vocab * teacher_elem
     return int(max(1, max_chunk_bytes // max(per_row, 1)))
 
 
@@ -70,12 +75,27 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def _linear_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: list, rows: int) -> Tensor:
+    """F.linear(x, weight, bias) (its call: addmm with a bias, else mm) into the first rows of buffer[0], a
+    [rows, V] buffer made by a loop's first chunk: on CPU, paging in a fresh output per chunk cost as much as
+    the row op (docs/PERFORMANCE.md)."""
+    if not buffer:
+        buffer.append(torch.empty((rows, weight.shape[0]), dtype=x.dtype, device=x.device))
+    out = buffer[0][:x.shape[0]]
+    return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
+
+
 def _rows_and_grad(s: Tensor, t: Optional[Tensor], y: Optional[Tensor], g_div: Tensor, g_ce: Tensor,
                    div_id: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool,
-                   backend: str, need_grad: bool):
+                   backend: str, need_grad: bool, overwrite: bool = False):
     """(D, ce, d(sum g_div D + g_ce ce)/ds) for one chunk of logits. t may cover only the first Vm <= V ids
-    (vocab_mismatch="truncate"): D is then over those ids on both sides, ce over the student's V."""
+    (vocab_mismatch="truncate"): D is then over those ids on both sides, ce over the student's V. overwrite: s
+    is scratch, which the C++ CPU kernel's fused op turns into the gradient (backends/cpu_fused.py)."""
     div_vocab = s.shape[-1] if t is None else t.shape[-1]
+    if need_grad and overwrite and cpu_fused.usable(backend, s):
+        d, e = cpu_fused.forward_backward_(g_div, g_ce, s, t, y, div_id, param_a, param_b, temperature, ignore_index,
+                                           with_ce, div_vocab)
+        return d, e, s
     opts = (div_id, param_a, param_b, temperature, ignore_index, with_ce, div_vocab, backend)
     d, e, stats = torch.ops.distillkit.distill_rows(s, t, y, *opts)
     grad = torch.ops.distillkit.distill_rows_backward(g_div, g_ce, s, t, y, stats, *opts) if need_grad else None
@@ -83,16 +103,20 @@ def _rows_and_grad(s: Tensor, t: Optional[Tensor], y: Optional[Tensor], g_div: T
 
 
 def dense_row_terms(t_hidden, t_weight, t_bias, labels, div_id, param_a, param_b, temperature, ignore_index,
-                    with_ce, backend, teacher_scale: float = 1.0, teacher_softcap: float = 0.0):
+                    with_ce, backend, teacher_scale: float = 1.0, teacher_softcap: float = 0.0,
+                    student_scratch: bool = False):
     """The row terms of chunk_loop against a dense teacher: its chunk logits from its hidden states and head
     (with the teacher's logit transform)."""
+    buffer = []  # the teacher's chunk logits (_linear_into)
+
     def row_terms(rows: slice, s: Tensor, g_div: Tensor, g_ce: Tensor, need_grad: bool):
         t = None
         if div_id != NO_DIVERGENCE:
-            t = transform_logits(F.linear(t_hidden[rows], t_weight, t_bias), teacher_scale, teacher_softcap)
+            t = transform_logits(_linear_into(t_hidden[rows], t_weight, t_bias, buffer, s.shape[0]), teacher_scale,
+                                 teacher_softcap)
         y = labels[rows] if with_ce else None
         return _rows_and_grad(s, t, y, g_div, g_ce, div_id, param_a, param_b, temperature, ignore_index, with_ce,
-                              backend, need_grad)
+                              backend, need_grad, student_scratch)
     return row_terms
 
 
@@ -109,9 +133,10 @@ def chunk_loop(hidden, weight, bias, row_terms, g_div, g_ce, chunk_size, grad_we
     div = torch.zeros(n, dtype=torch.float32, device=dev)
     ce = torch.zeros(n, dtype=torch.float32, device=dev)
     need_grad = need_hidden or need_weight or need_bias
-    grad_h = torch.zeros((n, h) if need_hidden else (0,), dtype=torch.float32, device=dev)
+    grad_h = torch.empty((n, h) if need_hidden else (0,), dtype=torch.float32, device=dev)  # each chunk its rows
     gw_dtype = torch.float32 if grad_weight_fp32 else weight.dtype
-    grad_w = torch.zeros((vocab, h) if need_weight else (0,), dtype=gw_dtype, device=dev)
+    direct_w = need_weight and weight.dtype == gw_dtype == torch.float32 and n > 0  # chunk 0 writes, no zero fill
+    grad_w = (torch.empty if direct_w else torch.zeros)((vocab, h) if need_weight else (0,), dtype=gw_dtype, device=dev)
     grad_b = torch.zeros((vocab,) if need_bias else (0,), dtype=torch.float32, device=dev)
     # Off CUDA (where low-precision matmuls round partial sums), bf16/fp16 chunk logits go to the row op
     # as fp32 (exactly the same values) so that their gradient stays fp32, and the hidden gradient
@@ -119,11 +144,12 @@ def chunk_loop(hidden, weight, bias, row_terms, g_div, g_ce, chunk_size, grad_we
     # in the input dtype, like an unfused model's, and multiplied with fp32 accumulation and output.
     upcast = weight.dtype != torch.float32 and dev.type != "cuda"
     weight_for_grad = weight.float() if upcast and need_hidden else weight
+    buffer = []  # the student's chunk logits (_linear_into); the C++ CPU kernel turns them into g in place
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             x = hidden[rows]
-            s = F.linear(x, weight, bias)
+            s = _linear_into(x, weight, bias, buffer, min(chunk_size, n))
             s = transform_logits(s.float() if upcast else s, scale, softcap)
             d, e, g = row_terms(rows, s, g_div[rows], g_ce[rows], need_grad)
             div[rows], ce[rows] = d, e
@@ -131,9 +157,14 @@ def chunk_loop(hidden, weight, bias, row_terms, g_div, g_ce, chunk_size, grad_we
                 g = transform_grad(g, s, scale, softcap)
             del s
             if need_hidden:
-                grad_h[rows] = _mm_fp32(g, weight_for_grad)
+                if g.dtype == weight_for_grad.dtype == torch.float32:
+                    torch.mm(g, weight_for_grad, out=grad_h[rows])
+                else:
+                    grad_h[rows] = _mm_fp32(g, weight_for_grad)
             if need_weight:
-                if g.dtype == x.dtype == gw_dtype:  # fp32 (or low precision without fp32 accumulation)
+                if direct_w and start == 0:
+                    torch.mm(g.t(), x, out=grad_w)
+                elif g.dtype == x.dtype == gw_dtype:  # fp32 (or low precision without fp32 accumulation)
                     grad_w.addmm_(g.t(), x)
                 elif grad_weight_fp32:
                     grad_w += _mm_fp32(g.t(), x)
@@ -164,7 +195,7 @@ def fused_linear_distill(
     """
     grads = reduce and (need_hidden or need_weight or need_bias)
     row_terms = dense_row_terms(t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b, temperature,
-                                ignore_index, with_ce, backend, teacher_scale, teacher_softcap)
+                                ignore_index, with_ce, backend, teacher_scale, teacher_softcap, student_softcap == 0.0)
     div, ce, gh, gw, gb = chunk_loop(hidden, weight, bias, row_terms, coef_div, coef_ce, chunk_size, grad_weight_fp32,
                                      grads and need_hidden, grads and need_weight, grads and need_bias, student_scale,
                                      student_softcap)
@@ -214,7 +245,7 @@ def fused_linear_distill_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_r grad_div[r] D[r] + grad_ce[r] ce[r] (recomputes the chunks' logits)."""
     row_terms = dense_row_terms(t_hidden, t_weight, t_bias, labels, divergence, param_a, param_b, temperature,
-                                ignore_index, with_ce, backend, teacher_scale, teacher_softcap)
+                                ignore_index, with_ce, backend, teacher_scale, teacher_softcap, student_softcap == 0.0)
     _, _, gh, gw, gb = chunk_loop(hidden, weight, bias, row_terms, grad_div, grad_ce, chunk_size, grad_weight_fp32,
                                   need_hidden, need_weight, need_bias, student_scale, student_softcap)
     return gh, gw, gb
@@ -241,6 +272,7 @@ def save_for_fused_backward(ctx, inputs, output, reduce: bool, options: tuple, t
     else:  # the backward op recomputes the chunks from the inputs
         ctx.save_for_backward(div, ce, inputs[7], inputs[8], *inputs[:7])
     ctx.mark_non_differentiable(div, ce, gh, gw, gb)
+    ctx.set_materialize_grads(False)  # no zero [V, H] gradient for the unused grad_weight output
 
 
 def fused_backward(ctx, grad_loss, op, backward_op):
@@ -250,7 +282,8 @@ def fused_backward(ctx, grad_loss, op, backward_op):
     need = ctx.needs_input_grad
     if ctx.reduce:
         div, ce, gh, gw, gb = ctx.saved_tensors
-        gh, gw, gb = grad_loss * gh, grad_loss * gw, grad_loss * gb
+        if not cpu_fused.is_one(grad_loss):  # loss.backward() on CPU: no [V, H] product to allocate
+            gh, gw, gb = grad_loss * gh, grad_loss * gw, grad_loss * gb
     else:
         div, ce, coef_div, coef_ce, *inputs = ctx.saved_tensors
         g_div = torch.where(coef_div != 0, grad_loss * coef_div, 0.0)
@@ -295,31 +328,6 @@ def check_linear(name_h: str, hidden, name_w: str, weight, name_b: str, bias) ->
                              or bias.device != hidden.device):
         raise ValueError(f"{name_b} must be a [{weight.shape[0]}] tensor of {hidden.dtype} on {hidden.device}; "
                          f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
-
-
-def row_coefficient(weight: Weight, lead_shape, scale: float, device) -> Tensor:
-    if isinstance(weight, torch.Tensor):
-        w = weight.to(torch.float32)
-        # where(): a token of weight 0 stays at exactly 0 (and gives its weight no gradient) even if its D is inf.
-        return torch.where(w != 0, w * scale, 0.0).expand(lead_shape)
-    return torch.full(lead_shape, float(weight) * scale, dtype=torch.float32, device=device)
-
-
-def loss_coefficients(kl_weight: Weight, ce_weight: Weight, valid: Optional[Tensor], lead, device, *,
-                      temperature: float, temperature_scaling: bool, reduction: str, normalizer):
-    """(coef_div, coef_ce) [lead] fp32: the loss is sum_r coef_div[r] D[r] + coef_ce[r] ce[r] (see the module
-    docstring); differentiable in tensor weights and a tensor normalizer."""
-    scale = temperature**2 if temperature_scaling else 1.0
-    coef_div = row_coefficient(kl_weight, lead, scale, device)
-    coef_ce = row_coefficient(ce_weight, lead, 1.0, device)
-    if reduction == "mean":
-        if normalizer is None:
-            like = torch.zeros(lead, dtype=torch.float32, device=device)
-            denom = count_active_tokens(like, valid, kl_weight, ce_weight).clamp_min(1)
-        else:
-            denom = normalizer
-        coef_div, coef_ce = coef_div / denom, coef_ce / denom
-    return coef_div, coef_ce
 
 
 def fused_linear_distill_loss(
@@ -411,10 +419,13 @@ def fused_linear_distill_loss(
     coef_div, coef_ce = loss_coefficients(kl_weight if with_div else 0.0, ce_weight if with_ce else 0.0, valid, lead,
                                           device, temperature=temperature, temperature_scaling=temperature_scaling,
                                           reduction=reduction, normalizer=normalizer)
+    backend = backends.resolve(backend, device, student_hidden.dtype)
     if chunk_size is None:
         t_elem = teacher_hidden.element_size() if with_div else 0
         t_vocab = teacher_weight.shape[0] if with_div else 0
-        chunk_size = default_chunk_size(vocab, t_vocab, student_hidden.element_size(), t_elem, max_chunk_bytes)
+        in_place = cpu_fused.available(backend, device) and transforms == (1.0, 0.0, 1.0, 0.0)
+        chunk_size = default_chunk_size(vocab, t_vocab, student_hidden.element_size(), t_elem, max_chunk_bytes,
+                                        in_place)
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
 
@@ -429,7 +440,7 @@ def fused_linear_distill_loss(
         take_rows(rows, labels.reshape(n).long()) if with_ce else None,
         take_rows(rows, coef_div.reshape(n)), take_rows(rows, coef_ce.reshape(n)),
         divergences.IDS[divergence] if with_div else NO_DIVERGENCE, *divergences.kernel_params(divergence, options),
-        float(temperature), int(ignore_index), bool(with_ce), backends.resolve(backend, device, student_hidden.dtype),
+        float(temperature), int(ignore_index), bool(with_ce), backend,
         int(chunk_size),
         reduction != "none", bool(grad_weight_fp32),
         grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,

@@ -1,7 +1,8 @@
-"""Masked-row compaction for the fused-linear ops: rows with no active term skip both LM-head GEMMs.
+"""The per-row loss coefficients of the fused-linear ops, and masked-row compaction: rows with no active
+term skip both LM-head GEMMs.
 
 Agent trajectories are mostly prompt and tool output, whose rows carry no loss term. The loss and
-every gradient are linear in the per-row coefficients (`fused_linear.loss_coefficients`), so a row
+every gradient are linear in the per-row coefficients (`loss_coefficients`), so a row
 whose divergence and cross-entropy coefficients are both 0 contributes nothing: the ops run on the
 active rows only, gathered with `index_select` (its backward scatters the hidden-state gradient
 back; inactive rows get exactly 0), and a per-row loss is scattered back with zeros elsewhere.
@@ -17,6 +18,34 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._checks import Weight
+from ._reduce import count_active_tokens
+
+
+def row_coefficient(weight: Weight, lead_shape, scale: float, device) -> Tensor:
+    if isinstance(weight, torch.Tensor):
+        w = weight.to(torch.float32)
+        # where(): a token of weight 0 stays at exactly 0 (and gives its weight no gradient) even if its D is inf.
+        return torch.where(w != 0, w * scale, 0.0).expand(lead_shape)
+    return torch.full(lead_shape, float(weight) * scale, dtype=torch.float32, device=device)
+
+
+def loss_coefficients(kl_weight: Weight, ce_weight: Weight, valid: Optional[Tensor], lead, device, *,
+                      temperature: float, temperature_scaling: bool, reduction: str, normalizer):
+    """(coef_div, coef_ce) [lead] fp32: the loss is sum_r coef_div[r] D[r] + coef_ce[r] ce[r] (fused_linear.py's
+    module docstring); differentiable in tensor weights and a tensor normalizer."""
+    scale = temperature**2 if temperature_scaling else 1.0
+    coef_div = row_coefficient(kl_weight, lead, scale, device)
+    coef_ce = row_coefficient(ce_weight, lead, 1.0, device)
+    if reduction == "mean":
+        if normalizer is None:
+            like = torch.zeros(lead, dtype=torch.float32, device=device)
+            denom = count_active_tokens(like, valid, kl_weight, ce_weight).clamp_min(1)
+        else:
+            denom = normalizer
+        coef_div, coef_ce = coef_div / denom, coef_ce / denom
+    return coef_div, coef_ce
 
 
 def rows_where(active: Tensor, enabled: bool) -> Optional[Tensor]:

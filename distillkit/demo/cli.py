@@ -31,33 +31,39 @@ def format_table(report: dict) -> str:
     res, params = report["results"], report["parameters"]
     steps = sorted(res["teacher"]["success_by_steps"])
     head = (f"{'agent':<30}{'params':>9}{'success':>9}{'tool acc':>9}"
-            + "".join(f"{k + '-step':>8}" for k in steps) + f"{'ECE':>7}{'ECE/T':>7}{'escal.':>8}")
+            + "".join(f"{k + '-step':>8}" for k in steps) + f"{'OOD':>8}{'OOD acc':>8}{'cost':>7}{'ECE':>7}{'ECE/T':>7}{'escal.':>8}")
     rows = [head, "-" * len(head)]
 
     def row(label, summary, n_params, calib=None, escalation=None):
         calib = calib or {}
+        cost = summary.get("relative_cost")
         rows.append(f"{label:<30}{n_params:>9}{_pct(summary['success']):>9}"
                     f"{_pct(summary.get('tool_call_accuracy')):>9}"
                     + "".join(f"{_pct(summary.get('success_by_steps', {}).get(k)):>8}" for k in steps)
+                    + f"{_pct(summary.get('ood_success')):>8}{_pct(summary.get('ood_tool_call_accuracy')):>8}"
+                    + f"{('-' if cost is None else f'{cost:.2f}x'):>7}"
                     + f"{_num(calib.get('ece')):>7}{_num(calib.get('ece_vs_teacher')):>7}"
                     + f"{(_pct(escalation) if escalation is not None else '-'):>8}")
 
     offline = res.get("offline_topk")
     for name, label in (("teacher", "teacher"), ("distilled", "student, distilled (span KD)"),
                         ("offline_topk", f"student, offline top-k (K={offline['cache']['k']})" if offline else ""),
+                        ("on_policy", "student, on-policy KD"),
                         ("sft", "student, SFT baseline"), ("tiny", "tiny, distilled")):
         if name in res:
             row(label[:30], res[name], params[name], res[name]["calibration"])
     for name, label in (("distilled", "distilled + fallback"), ("sft", "SFT + fallback")):
         fb = report["fallback"][name]
-        point = fb["test_at_threshold"]
+        point = res.get(f"{name}_fallback", fb["test_at_threshold"])
         row(f"{label} @{fb['threshold']:g}"[:30], point, params[name], None, point["escalation_rate"])
     casc = report["cascade"]
     thr = "/".join(f"{t:g}" for t in casc["thresholds"])
-    row(f"cascade @{thr}"[:30], casc["test"], "3 tiers", None, casc["teacher_step_share"])
+    row(f"cascade @{thr}"[:30], res.get("cascade", casc["test"]), "3 tiers", None, casc["teacher_step_share"])
     rows.append("")
-    rows.append("tool acc: gold tool calls reproduced; ECE: step confidence vs correctness; ECE/T: vs the "
-                "teacher's probability of the same action; escal.: share of steps taken by the teacher.")
+    rows.append("tool acc: gold tool calls reproduced; OOD, OOD acc: success and tool acc on tasks with 5 and 6 tool "
+                "calls (training has 1 to 4); cost: forward FLOPs per test task relative to the teacher alone; ECE: step "
+                "confidence vs correctness; ECE/T: vs the teacher's probability of the same action; escal.: "
+                "share of steps taken by the teacher.")
     share = casc["test"]["tier_share"]
     rows.append("cascade tiny/distilled/teacher share of steps: "
                 + " / ".join(_pct(s).strip() for s in share))
@@ -101,7 +107,7 @@ def plot(report: dict, path: Path) -> None:
 
     ax = axes[1]
     steps = sorted(res["teacher"]["success_by_steps"])
-    names = [name for name in ("teacher", "distilled", "offline_topk", "sft", "tiny") if name in res]
+    names = [name for name in ("teacher", "distilled", "offline_topk", "on_policy", "sft", "tiny") if name in res]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         ax.bar([int(k) + (i - (len(names) - 1) / 2) * width for k in steps],
@@ -114,7 +120,7 @@ def plot(report: dict, path: Path) -> None:
 
     ax = axes[2]
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":")
-    for name in (name for name in ("teacher", "distilled", "offline_topk", "sft", "tiny") if name in res):
+    for name in (name for name in ("teacher", "distilled", "offline_topk", "on_policy", "sft", "tiny") if name in res):
         rel = res[name]["calibration"]["reliability"]
         if rel:
             ax.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], "o-",

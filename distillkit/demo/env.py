@@ -13,6 +13,8 @@ Tasks are multi-step questions of graded difficulty (1 to 4 tool calls), each
 with its gold plan (the tool calls and their results) and numeric answer.
 :func:`make_splits` draws disjoint train / validation / test splits (no question
 text is shared between splits), and :func:`check_answer` decides success.
+:func:`make_ood_split` draws longer tasks than any split holds (5 and 6 tool calls: three or
+four items' prices or weights, a sum and a conversion, from the same tools).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Callable, Mapping, Optional
 
 __all__ = [
     "ToolError", "safe_calc", "convert_units", "KeyValueStore", "make_tools", "format_number",
-    "Task", "TaskGenerator", "make_splits", "check_answer", "parse_number", "render_reasoning",
+    "Task", "TaskGenerator", "make_splits", "make_ood_split", "check_answer", "parse_number", "render_reasoning",
     "gold_trajectory", "TOOL_SPECS", "UNITS",
 ]
 
@@ -246,13 +248,16 @@ def _boxes(n: int, item: str) -> str:
 
 
 class TaskGenerator:
-    """Draws tasks with 1 to 4 tool calls; the gold plan is executed with the real tools."""
+    """Draws tasks with 1 to 4 tool calls (5 or 6 when asked for: out of distribution); the gold plan is
+    executed with the real tools."""
 
     KINDS = {
         1: ("calc", "convert", "lookup"),
         2: ("cost", "convert_add"),
         3: ("cost_two", "cost_cents", "weight_kg"),
         4: ("cost_two_cents", "weight_two_kg"),
+        5: ("cost_many_cents", "weight_many_kg"),  # 3 items: 3 lookups, a sum, a conversion
+        6: ("cost_many_cents", "weight_many_kg"),  # 4 items
     }
     CONVERSIONS = (("km", "m"), ("m", "cm"), ("cm", "mm"), ("kg", "g"), ("h", "min"), ("min", "s"),
                    ("usd", "cents"))
@@ -318,6 +323,19 @@ class TaskGenerator:
             if kind != "cost_two":
                 total = self._execute(plan)[-1]
                 plan.append(conv(int(total), "g", "kg") if attr == "weight" else conv(int(total), "usd", "cents"))
+        elif kind in ("cost_many_cents", "weight_many_kg"):
+            attr = "weight" if kind == "weight_many_kg" else "price"
+            picked = items + rng.sample([i for i in ITEMS if i not in items], num_steps - 4)
+            counts = [n, m] + [rng.randint(2, 9) for _ in picked[2:]]
+            boxes = [_boxes(c, item) for c, item in zip(counts, picked)]
+            listed = ", ".join(boxes[:-1]) + f" and {boxes[-1]}"
+            question = (f"How many kg do {listed} weigh?" if attr == "weight"
+                        else f"How many cents do {listed} cost?")
+            plan = [look(item, attr) for item in picked]
+            values = self._execute(plan)
+            plan.append(calc("+".join(f"{c}*{v}" for c, v in zip(counts, values))))
+            total = int(self._execute(plan)[-1])
+            plan.append(conv(total, "g", "kg") if attr == "weight" else conv(total, "usd", "cents"))
         elif kind in ("cost_cents", "weight_kg"):
             attr = "weight" if kind == "weight_kg" else "price"
             if attr == "weight":
@@ -365,6 +383,24 @@ def make_splits(sizes: Mapping[str, int], seed: int = 0, store: Optional[KeyValu
             tasks.append(task)
         out[name] = tasks
     return out
+
+
+def make_ood_split(size: int, seed: int = 0, store: Optional[KeyValueStore] = None,
+                   steps: tuple = (5, 6)) -> list[Task]:
+    """``size`` distinct tasks with more tool calls than any :func:`make_splits` task (equal shares of each
+    count in ``steps``); their questions list three or more items, so none is in another split."""
+    gen = TaskGenerator(store)
+    rng = random.Random(f"ood-{seed}")
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    for _ in range(100 * size + 1000):
+        if len(tasks) == size:
+            return tasks
+        task = gen.sample(rng, steps[len(tasks) % len(steps)])
+        if task.question not in seen:
+            seen.add(task.question)
+            tasks.append(task)
+    raise RuntimeError(f"could not draw {size} distinct out-of-distribution tasks")
 
 
 def check_answer(task: Task, answer: Optional[str]) -> bool:

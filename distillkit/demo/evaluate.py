@@ -14,7 +14,11 @@ Definitions (also in docs/DEMO.md):
   of the very same action line in the same context: sum of (bin share) x |mean student
   confidence - mean teacher probability|;
 - escalation rate: escalated steps / all steps (a step escalates when the student's confidence
-  is below the threshold and the teacher re-proposes it).
+  is below the threshold and the teacher re-proposes it);
+- forward FLOPs per task: 2 x parameters x tokens each model reads, summed over the steps and the tiers a
+  step tried; a step reads its whole context and writes its step (the agents keep no KV cache from one
+  step to the next), a tier whose step was rejected is counted with the accepted step's length, and
+  attention's own FLOPs are left out. Relative cost: a row's FLOPs per task over the teacher's alone.
 """
 
 from __future__ import annotations
@@ -73,8 +77,33 @@ def reliability(confidences: Sequence[float], labels: Sequence[float], bins: int
     return out
 
 
-def summarize(tasks: Sequence[Task], episodes: Sequence[Episode], num_tiers: int = 1) -> dict:
-    """Success, tool-call accuracy, success by number of steps, escalation and tier shares."""
+def forward_flops(episodes: Sequence[Episode], tiers: Sequence[LMPolicy]) -> float:
+    """Forward FLOPs of the episodes (module docstring): 2 x parameters x tokens read, per tier tried."""
+    lengths: dict[tuple[int, str], int] = {}
+
+    def tokens(tier: int, lines) -> int:
+        total = 0
+        for line in lines:
+            key = (tier, line)
+            if key not in lengths:
+                lengths[key] = len(tiers[tier].encode_lines([line]))
+            total += lengths[key]
+        return total
+
+    params = [t.num_parameters for t in tiers]
+    flops = 0.0
+    for episode in episodes:
+        for step in episode.steps:
+            for tier in range(len(step.confidences)):
+                read = tokens(tier, step.context) + tokens(tier, [ln for ln in step.text.split("\n") if ln])
+                flops += 2.0 * params[tier] * read
+    return flops
+
+
+def summarize(tasks: Sequence[Task], episodes: Sequence[Episode], num_tiers: int = 1,
+              policies: Optional[Sequence[LMPolicy]] = None) -> dict:
+    """Success, tool-call accuracy, success by number of steps, escalation and tier shares; with the tiers'
+    policies, forward FLOPs per task."""
     success = [check_answer(t, e.answer) for t, e in zip(tasks, episodes)]
     by_steps = {}
     for n in sorted({t.num_steps for t in tasks}):
@@ -94,6 +123,7 @@ def summarize(tasks: Sequence[Task], episodes: Sequence[Episode], num_tiers: int
         "escalation_rate": sum(e.num_escalations for e in episodes) / max(1, steps),
         "tier_share": [c / max(1, steps) for c in tiers],
         "unparseable": sum(1 for e in episodes if e.error and e.error.startswith("unparseable")),
+        **({"flops_per_task": forward_flops(episodes, policies) / max(1, len(tasks))} if policies else {}),
     }
 
 
@@ -139,10 +169,11 @@ def fallback_curve(student: LMPolicy, teacher: LMPolicy, tasks: Sequence[Task], 
     points = []
     for threshold in thresholds:
         episodes = run_agent([student, teacher], [threshold], tasks, tools, max_steps)
-        summary = summarize(tasks, episodes, 2)
+        summary = summarize(tasks, episodes, 2, [student, teacher])
         points.append({"threshold": threshold, "success": summary["success"],
                        "escalation_rate": summary["escalation_rate"],
-                       "tool_call_accuracy": summary["tool_call_accuracy"]})
+                       "tool_call_accuracy": summary["tool_call_accuracy"],
+                       "success_by_steps": summary["success_by_steps"], "flops_per_task": summary["flops_per_task"]})
         if bar is not None:
             bar.update(1)
     return points

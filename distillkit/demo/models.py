@@ -125,8 +125,8 @@ def attach_teacher_logits(teacher, examples: Sequence[Example], batch_size: int 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start:start + batch_size]]
-        ids, mask, *_ = collate(chunk)
-        logits = teacher(input_ids=ids, attention_mask=mask).logits.float()
+        ids, *_ = collate(chunk)
+        logits = teacher(input_ids=ids).logits.float()  # right padding: no mask needed (see _batch_loss)
         for row, ex in enumerate(chunk):
             ex.teacher_logits = logits[row, :len(ex.ids) - 1].clone()
         if progress is not None:
@@ -183,8 +183,10 @@ def active_tokens(loss_fn: SpanDistillationLoss, examples: Sequence[Example]) ->
 
 
 def _batch_loss(model, examples, teacher, loss_fn, normalizer=None):
-    ids, mask, labels, spans, targets = collate(examples, teacher)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    ids, _, labels, spans, targets = collate(examples, teacher)
+    # Right padding: a causal model's real positions never attend to the pads after them, so no padding mask
+    # (causal SDPA without one: the same values here, bit for bit, and faster); pad positions carry no loss.
+    logits = model(input_ids=ids).logits[:, :-1]
     return loss_fn(logits, targets, labels, spans, normalizer=normalizer)
 
 
@@ -195,7 +197,10 @@ def _part_gradients(model, part, teacher, loss_fn, normalizer, params):
 
 def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr: float,
           loss_fn: SpanDistillationLoss, teacher: str = "none", seed: int = 0, warmup: int = 20,
-          weight_decay: float = 0.01, bucket: int = 1, batch_parts: int = 1, bar=None) -> list[float]:
+          weight_decay: float = 0.01, bucket: int = 1, batch_parts: int = 1, bar=None,
+          next_batch: Optional[Callable[[], tuple[list[Example], SpanDistillationLoss]]] = None,
+          snapshot: Optional[tuple[int, Callable]] = None, start_step: int = 0,
+          optimizer_state: Optional[dict] = None) -> list[float]:
     """AdamW with linear warm-up and cosine decay; batches drawn at random (the same draws for a seed).
 
     teacher: what the loss gets as the teacher (see `collate`): "none" (the span weights then have
@@ -206,7 +211,12 @@ def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr
     releases the GIL in its ops; one torch thread each): each part's loss is normalized by the whole
     batch's token count, so that they add up to the batch's loss, and the parts' gradients are added in a
     fixed order. The result does not depend on the machine's load (unlike torch's intra-op threads, whose
-    spinning also stalls on shared cores). Returns the loss per step.
+    spinning also stalls on shared cores).
+    next_batch: a callable giving each step's batch and its loss instead of the random draws from `examples` and
+    `loss_fn` (the on-policy student's phase). snapshot=(k, fn): fn(model, optimizer) after step k (its warm
+    start); start_step, optimizer_state: continue such a snapshot (steps `start_step` to `steps` of the same
+    schedule, AdamW's moments restored).
+    Returns the loss per step.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -221,13 +231,19 @@ def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr
             return (step + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    if optimizer_state is not None:
+        opt.load_state_dict({"state": optimizer_state, "param_groups": opt.state_dict()["param_groups"]})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(i + start_step))
     losses = []
     batches: list[list[Example]] = []
     pool = ThreadPoolExecutor(max_workers=batch_parts - 1) if batch_parts > 1 else None
     try:
-        for step in range(steps):
-            if not batches:  # draw `bucket` batches at once and group them by length: less padding
+        for step in range(start_step, steps):
+            step_loss = loss_fn
+            if next_batch is not None:
+                batch, step_loss = next_batch()
+                batches = [batch]
+            elif not batches:  # draw `bucket` batches at once and group them by length: less padding
                 drawn = sorted((examples[rng.randrange(len(examples))] for _ in range(bucket * batch_size)),
                                key=lambda e: len(e.ids))
                 batches = [drawn[i:i + batch_size] for i in range(0, len(drawn), batch_size)]
@@ -235,16 +251,16 @@ def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr
             batch = batches.pop()
             opt.zero_grad(set_to_none=True)
             if pool is None:
-                loss = _batch_loss(model, batch, teacher, loss_fn)
+                loss = _batch_loss(model, batch, teacher, step_loss)
                 loss.backward()
                 loss = loss.detach()
             else:
-                normalizer = active_tokens(loss_fn, batch).clamp_min(1)
+                normalizer = active_tokens(step_loss, batch).clamp_min(1)
                 size = -(-len(batch) // batch_parts)
                 parts = [batch[i:i + size] for i in range(0, len(batch), size)]
-                pending = [pool.submit(_part_gradients, model, part, teacher, loss_fn, normalizer, params)
+                pending = [pool.submit(_part_gradients, model, part, teacher, step_loss, normalizer, params)
                            for part in parts[1:]]
-                done = [_part_gradients(model, parts[0], teacher, loss_fn, normalizer, params)]
+                done = [_part_gradients(model, parts[0], teacher, step_loss, normalizer, params)]
                 done += [future.result() for future in pending]
                 loss = sum(part_loss for part_loss, _ in done)
                 for param, *grads in zip(params, *(part_grads for _, part_grads in done)):
@@ -254,6 +270,8 @@ def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr
             opt.step()
             sched.step()
             losses.append(loss.item())
+            if snapshot is not None and step + 1 == snapshot[0]:
+                snapshot[1](model, opt)
             if bar is not None:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
                 bar.update(1)
@@ -266,7 +284,10 @@ def train(model, examples: Sequence[Example], *, steps: int, batch_size: int, lr
 
 @dataclasses.dataclass(frozen=True)
 class TrainJob:
-    """One student to train: its size, its loss (span weights) and the optimization settings."""
+    """One student to train: its size, its loss (span weights) and the optimization settings.
+
+    warm_start=(job name, k): start from that job's model after its step k instead of a fresh one, and
+    train on-policy (`on_policy`, a :class:`distillkit.demo.on_policy.OnPolicyPlan`) for `steps` more steps."""
 
     name: str
     size: ModelSize
@@ -279,94 +300,148 @@ class TrainJob:
     seed: int = 0
     divergence: str = "forward_kl"
     temperature: float = 1.0
+    warm_start: Optional[tuple] = None
+    on_policy: Any = None
 
 
-def run_job(job: TrainJob, examples: Sequence[Example], bar=None):
-    """Build and train one model; returns (model, losses, seconds)."""
+def _state_bytes(model, optimizer=None) -> bytes:
+    """safetensors bytes of a model's weights (clones: tied weights may share storage) and, with it, the
+    optimizer's per-parameter state; nothing is pickled."""
+    from safetensors.torch import save as save_safetensors
+
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        for index, state in optimizer.state_dict()["state"].items():
+            tensors.update({f"optimizer.{index}.{name}": torch.as_tensor(value).detach().clone().contiguous()
+                            for name, value in state.items()})
+    return save_safetensors(tensors)
+
+
+def _load_state(job: TrainJob, state: bytes):
+    """(model, optimizer state or None) from _state_bytes."""
+    from safetensors.torch import load as load_safetensors
+
+    tensors = load_safetensors(state)
+    model = make_model(job.vocab_size, job.size, seed=job.seed)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            optimizer.setdefault(int(index), {})[name] = value
+    return model, optimizer or None
+
+
+def run_job(job: TrainJob, examples: Sequence[Example], bar=None, *, snapshot: Optional[tuple] = None,
+            warm_state: Optional[bytes] = None, context=None):
+    """Build and train one model; returns (model, losses, seconds). snapshot=(k, fn): fn(model) after step k;
+    warm_state: the model to start from (a job with warm_start), context: what its on-policy rollouts need."""
     start = time.perf_counter()
+    if job.on_policy is not None:  # context: a distillkit.demo.on_policy.OnPolicyContext
+        model, optimizer_state = _load_state(job, warm_state)
+        losses = context.train(model, job, examples, optimizer_state, bar=bar)
+        return model, losses, time.perf_counter() - start
     model = make_model(job.vocab_size, job.size, seed=job.seed)
     loss_type = TopKSpanLoss if job.teacher == "topk" else SpanDistillationLoss
     loss_fn = loss_type(dict(job.span_weights), divergence=job.divergence, temperature=job.temperature)
     losses = train(model, examples, steps=job.steps, batch_size=job.batch_size, lr=job.lr, loss_fn=loss_fn,
-                   teacher=job.teacher, seed=job.seed, bar=bar)
+                   teacher=job.teacher, seed=job.seed, bar=bar, snapshot=snapshot)
     return model, losses, time.perf_counter() - start
 
 
-def _job_process(job, examples, queue, position, progress):  # pragma: no cover - runs in a child
-    import traceback
+def _snapshot_steps(jobs: Sequence[TrainJob]) -> dict[str, int]:
+    steps = {job.warm_start[0]: job.warm_start[1] for job in jobs if job.warm_start is not None}
+    names = {job.name for job in jobs}
+    for name in steps:
+        if name not in names:
+            raise ValueError(f"a job warm-starts from {name!r}, which is not among the jobs")
+    return steps
 
-    from safetensors.torch import save as save_safetensors
+
+def _job_process(job, examples, queue, position, progress, snapshot_at, warm_state, context):  # pragma: no cover
+    import traceback
 
     torch.set_num_threads(1)
     try:
         from tqdm.auto import tqdm
 
-        with tqdm(total=job.steps, desc=f"train {job.name}", position=position, leave=False,
+        snapshot = None
+        if snapshot_at is not None:
+            snapshot = (snapshot_at, lambda model, opt: queue.put(("snapshot", job.name, _state_bytes(model, opt))))
+        with tqdm(total=job.steps - (job.warm_start[1] if job.warm_start else 0), desc=f"train {job.name}",
+                  position=position, leave=False,
                   disable=not progress, dynamic_ncols=True) as bar:
-            model, losses, seconds = run_job(job, examples, bar)
-        # safetensors bytes (clones: tied weights may share storage); nothing is pickled.
-        state = save_safetensors({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
-        queue.put((job.name, state, losses, seconds, None))
+            model, losses, seconds = run_job(job, examples, bar, snapshot=snapshot, warm_state=warm_state,
+                                             context=context)
+        queue.put(("done", job.name, _state_bytes(model), losses, seconds, None))
     except BaseException:
-        queue.put((job.name, None, None, None, traceback.format_exc()))
+        queue.put(("done", job.name, None, None, None, traceback.format_exc()))
 
 
 def run_jobs(jobs: Sequence[TrainJob], examples: Sequence[Example], *, workers: int = 1, progress: bool = True,
-             bar_factory: Optional[Callable] = None) -> dict[str, tuple]:
+             bar_factory: Optional[Callable] = None, context=None) -> dict[str, tuple]:
     """Train several models, ``workers`` at a time in forked processes (one torch thread each).
 
-    Returns {name: (model, losses, seconds)}. With workers <= 1, or where fork is unavailable, the
-    jobs run one after the other in this process; the results are the same either way (each job
-    seeds its own initialization and batch draws).
+    Returns {name: (model, losses, seconds)}. A job with ``warm_start`` starts once the job it starts from has
+    passed that step (its weights come back as safetensors bytes), beyond ``workers`` if need be; ``context`` goes to the on-policy jobs (the
+    forked processes inherit it). With workers <= 1, or where fork is unavailable, the jobs run one after
+    the other in this process; the results are the same either way (each job seeds its own initialization
+    and batch draws).
     """
     import multiprocessing as mp
-
-    from safetensors.torch import load as load_safetensors
     import queue as queue_mod
 
+    snapshot_at = _snapshot_steps(jobs)
+    snapshots: dict[str, bytes] = {}
     results: dict[str, tuple] = {}
     if workers <= 1 or "fork" not in mp.get_all_start_methods():
-        for job in jobs:
+        for job in sorted(jobs, key=lambda j: j.warm_start is not None):  # warm starts after their sources
+            snapshot = None
+            if job.name in snapshot_at:
+                snapshot = (snapshot_at[job.name],
+                            lambda model, opt, name=job.name: snapshots.update({name: _state_bytes(model, opt)}))
+            warm = snapshots[job.warm_start[0]] if job.warm_start is not None else None
             if bar_factory is not None:
                 with bar_factory(total=job.steps, desc=f"train {job.name}") as bar:
-                    results[job.name] = run_job(job, examples, bar)
+                    results[job.name] = run_job(job, examples, bar, snapshot=snapshot, warm_state=warm, context=context)
             else:
-                results[job.name] = run_job(job, examples)
-        return results
+                results[job.name] = run_job(job, examples, snapshot=snapshot, warm_state=warm, context=context)
+        return {job.name: results[job.name] for job in jobs}
     ctx = mp.get_context("fork")
     channel = ctx.Queue()
     pending = list(enumerate(jobs))
     running: dict[str, Any] = {}
     by_name = {job.name: job for job in jobs}
     while pending or running:
-        while pending and len(running) < workers:
-            position, job = pending.pop(0)
-            proc = ctx.Process(target=_job_process, args=(job, examples, channel, position, progress), daemon=True)
+        # A warm-started job starts as soon as its snapshot arrives, slot or not: it continues its source's work
+        # (and its source's share of the cores), rather than waiting for the last ones to finish.
+        slots = workers - sum(1 for name in running if by_name[name].warm_start is None)
+        ready = [(pos, job) for pos, job in pending if job.warm_start is not None and job.warm_start[0] in snapshots]
+        ready += [(pos, job) for pos, job in pending if job.warm_start is None][:max(0, slots)]
+        for position, job in ready:
+            pending.remove((position, job))
+            warm = snapshots[job.warm_start[0]] if job.warm_start is not None else None
+            proc = ctx.Process(target=_job_process, args=(job, examples, channel, position, progress,
+                                                          snapshot_at.get(job.name), warm, context), daemon=True)
             proc.start()
             running[job.name] = proc
+        if not running:
+            raise RuntimeError(f"jobs {[job.name for _, job in pending]} wait for a snapshot no job will send")
         try:
-            name, state, losses, seconds, error = channel.get(timeout=2.0)
+            message = channel.get(timeout=2.0)
         except queue_mod.Empty:
             for name, proc in list(running.items()):
                 if not proc.is_alive() and proc.exitcode not in (0, None):
                     raise RuntimeError(f"training {name} died (exit code {proc.exitcode})")
             continue
+        if message[0] == "snapshot":
+            snapshots[message[1]] = message[2]
+            continue
+        _, name, state, losses, seconds, error = message
         running.pop(name).join()
         if error is not None:
             raise RuntimeError(f"training {name} failed in its worker:\n{error}")
-        job = by_name[name]
-        model = make_model(job.vocab_size, job.size, seed=job.seed)
-        model.load_state_dict(load_safetensors(state))
+        model = _load_state(by_name[name], state)[0]
         model.eval()
         results[name] = (model, losses, seconds)
     return {job.name: results[job.name] for job in jobs}
-
-
-class Timer:
-    def __init__(self):
-        self.start, self.marks = time.perf_counter(), {}
-
-    def mark(self, name: str) -> float:
-        now = time.perf_counter()
-        self.marks[name] = round(now - self.start - sum(self.marks.values()), 2)
-        return self.marks[name]

@@ -11,11 +11,13 @@
    *distilled* (span loss: KL on reasoning, KL + CE on actions and answers, nothing on
    observations), *offline top-k* (the same span loss against the teacher's top-16 log-probabilities,
    written once to a teacher cache with :func:`distillkit.sparse.write_teacher_cache` and read back:
-   the teacher is not consulted while it trains) and *SFT* (CE on the teacher's tokens); a *tiny*
-   distilled student for the cascade;
+   the teacher is not consulted while it trains), *on-policy* (the distilled student's first steps, then
+   reverse KL to the teacher on its own rollouts in the environment: :mod:`distillkit.demo.on_policy`)
+   and *SFT* (CE on the teacher's tokens); a *tiny* distilled student for the cascade;
 5. evaluation in the environment on held-out tasks: success, tool-call accuracy, success by number
-   of steps, calibration; student + teacher fallback curve; tiny -> student -> teacher cascade with
-   thresholds chosen on the validation split;
+   of steps, calibration, forward FLOPs per task; student + teacher fallback curve; tiny -> student ->
+   teacher cascade with thresholds chosen on the validation split; every row again on an
+   out-of-distribution split (5 and 6 tool calls, more than any training task);
 6. report: printed table, ``report.json`` and ``demo.png`` in the output directory (with the
    models in ``models/<name>``, the tokenizer and the collected trajectories).
 """
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,9 @@ from ..sparse.cache_writer import write_teacher_cache
 from ..sparse.teacher_cache import TeacherCache, bytes_per_token
 from . import evaluate as ev
 from . import models as M
+from .on_policy import ON_POLICY_WEIGHTS, OnPolicyContext, OnPolicyPlan
 from .parallel import fork_map
-from .env import KeyValueStore, TOOL_SPECS, check_answer, gold_trajectory, make_splits, make_tools
+from .env import KeyValueStore, TOOL_SPECS, check_answer, gold_trajectory, make_ood_split, make_splits, make_tools
 
 
 @dataclasses.dataclass
@@ -57,7 +61,11 @@ class Settings:
     student: M.ModelSize = M.ModelSize(56, 3, 2, 64)
     tiny: M.ModelSize = M.ModelSize(32, 3, 2, 64)
     teacher_steps: int = 800  # fewer left the teacher under-trained at some seeds (56.7% at seed 1 with 500)
-    student_steps: int = 900  # the distilled, offline top-k and SFT students
+    student_steps: int = 900  # the distilled, offline top-k, on-policy and SFT students
+    on_policy_warm_steps: int = 700  # the on-policy student's off-policy steps (the distilled student's first)
+    on_policy_fraction: float = 0.5  # then each step on its own rollouts with this probability (else off-policy)
+    on_policy_rollouts: int = 96  # episodes per rollout round (each trained on in 2 passes)
+    on_policy_temperature: float = 1.0  # the student samples its rollouts
     offline_k: int = 16  # teacher log-probabilities per position in the offline student's cache
     tiny_steps: int = 900  # the tiny student
     batch_size: int = 16  # teacher
@@ -72,6 +80,8 @@ class Settings:
     fallback_grid: tuple = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 1.01)
     cascade_grid: tuple = (0.0, 0.5, 0.9, 0.95, 0.99)
     max_steps: int = 6
+    ood_tasks: int = 40  # out of distribution: half with 5 tool calls, half with 6
+    ood_max_steps: int = 7  # 6 tool calls and the answer
     gen_batch: int = 128
     gen_tokens: int = 64  # most new tokens per step
 
@@ -83,13 +93,26 @@ PRESETS = {
     "smoke": Settings(name="smoke", teacher_tasks=200, student_queries=48, val_tasks=16, test_tasks=24,
                       vocab_size=160, teacher=M.ModelSize(32, 2, 2, 64), student=M.ModelSize(16, 1, 2, 32),
                       tiny=M.ModelSize(8, 1, 2, 16), teacher_steps=20, student_steps=10, tiny_steps=10, batch_size=8,
-                      student_batch_size=8,
+                      student_batch_size=8, on_policy_warm_steps=6, on_policy_rollouts=16, ood_tasks=8,
                       fallback_grid=(0.0, 0.5, 1.01), cascade_grid=(0.0, 1.01), max_steps=3, gen_tokens=24),
     "default": Settings(),
     "full": Settings(name="full", teacher_tasks=12000, student_queries=3000, val_tasks=200, test_tasks=400,
                      teacher=M.ModelSize(128, 4, 4, 384), student=M.ModelSize(72, 3, 2, 144),
-                     tiny=M.ModelSize(48, 3, 2, 96), teacher_steps=1500, student_steps=1500, tiny_steps=1500),
+                     tiny=M.ModelSize(48, 3, 2, 96), teacher_steps=1500, student_steps=1500, tiny_steps=1500,
+                     on_policy_warm_steps=1000, ood_tasks=96),
 }
+
+
+class Timer:
+    """Seconds per phase: mark(name) records the time since the previous mark."""
+
+    def __init__(self):
+        self.start, self.marks = time.perf_counter(), {}
+
+    def mark(self, name: str) -> float:
+        now = time.perf_counter()
+        self.marks[name] = round(now - self.start - sum(self.marks.values()), 2)
+        return self.marks[name]
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -104,7 +127,7 @@ def machine_info(threads: int) -> dict:
             "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
 
-STUDENTS = ("distilled", "offline_topk", "sft", "tiny")
+STUDENTS = ("distilled", "offline_topk", "on_policy", "sft", "tiny")
 
 
 def write_offline_cache(teacher, examples, settings: Settings, folder: Path, progress: bool) -> dict:
@@ -121,7 +144,7 @@ def write_offline_cache(teacher, examples, settings: Settings, folder: Path, pro
 def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, workers: int = 4) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    timer = M.Timer()
+    timer = Timer()
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     fmt = ReActFormat()
@@ -132,6 +155,7 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
     splits = make_splits({"test": settings.test_tasks, "val": settings.val_tasks, "student": settings.student_queries,
                           "teacher": settings.teacher_tasks}, seed=settings.seed, store=store,
                          repeats=("student", "teacher"))
+    splits["ood"] = make_ood_split(settings.ood_tasks, settings.seed, store)
     rng = random.Random(settings.seed)
     gold = [gold_trajectory(t, rng) for t in splits["teacher"]]
     lines = [text for t in gold for _, text in fmt.segments(t)]
@@ -182,8 +206,18 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
                 ("offline_topk", settings.student, M.DISTILL_WEIGHTS, "topk", settings.student_steps),
                 ("sft", settings.student, M.SFT_WEIGHTS, "none", settings.student_steps),
                 ("tiny", settings.tiny, M.DISTILL_WEIGHTS, "logits", settings.tiny_steps))]
+    warm = min(settings.on_policy_warm_steps, settings.student_steps)
+    jobs.append(M.TrainJob("on_policy", settings.student, vocab, tuple(ON_POLICY_WEIGHTS.items()), "logits",
+                           settings.student_steps, settings.student_batch_size, settings.student_lr,
+                           seed=settings.seed + 1, divergence=settings.divergence, temperature=settings.temperature,
+                           warm_start=("distilled", warm),
+                           on_policy=OnPolicyPlan(warm, rollouts=settings.on_policy_rollouts,
+                                                  temperature=settings.on_policy_temperature,
+                                                  fraction=settings.on_policy_fraction,
+                                                  max_steps=settings.max_steps, gen_tokens=settings.gen_tokens)))
     trained = M.run_jobs(jobs, examples, workers=workers, progress=progress,
-                         bar_factory=lambda **kw: _bar(**kw, enabled=progress))
+                         bar_factory=lambda **kw: _bar(**kw, enabled=progress),
+                         context=OnPolicyContext(teacher, tokenizer, tools, student_tasks))
     student_seconds = {}
     for name, (model, losses, seconds) in trained.items():
         students[name], curves[name], student_seconds[name] = model, losses, round(seconds, 1)
@@ -213,25 +247,38 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
     tiers = [policies["tiny"], policies["distilled"], teacher_policy]
     grid, cgrid = list(settings.fallback_grid), list(settings.cascade_grid)
 
+    ood = splits["ood"]
+
+    def agent_run(tiers_, thresholds, split):
+        tasks = {"ood": ood, "test": test, "val": val}[split]
+        steps = settings.ood_max_steps if split == "ood" else settings.max_steps
+        return tasks, ev.run_agent(tiers_, thresholds, tasks, tools, steps)
+
     def evaluate(key: tuple):
         """One independent piece of the evaluation (all of them run in forked processes, `workers` at once)."""
         kind, *args = key
-        if kind == "agent":  # an agent alone on the test split (the teacher on validation: the cascade's target)
+        if kind == "agent":  # an agent alone (the teacher on validation: the cascade's target)
             name, split = args
-            tasks = test if split == "test" else val
-            episodes = ev.run_agent([policies[name]], [], tasks, tools, settings.max_steps)
-            if split == "val":
-                return ev.summarize(tasks, episodes)
-            return {**ev.summarize(tasks, episodes), "parameters": params[name],
+            tasks, episodes = agent_run([policies[name]], [], split)
+            summary = ev.summarize(tasks, episodes, policies=[policies[name]])
+            if split != "test":
+                return summary
+            return {**summary, "parameters": params[name],
                     "calibration": ev.calibration(tasks, episodes, None if name == "teacher" else teacher_policy)}
         if kind == "fallback":  # a student + teacher fallback curve
             name, split = args
             tasks = test if split == "test" else val
             return ev.fallback_curve(policies[name], teacher_policy, tasks, tools, grid, settings.max_steps)
+        if kind == "at":  # a chosen operating point: (tiers, thresholds) on a split
+            names, thresholds, split = args
+            tiers_ = [policies[n] for n in names]
+            tasks, episodes = agent_run(tiers_, thresholds, split)
+            return ev.summarize(tasks, episodes, len(tiers_), tiers_)
         # the cascade settings on validation with this first threshold
         return [ev.cascade_point(tiers, (args[0], t), val, tools, settings.max_steps) for t in cgrid]
 
-    agent_keys = [("agent", name, "test") for name in ("teacher", *STUDENTS)] + [("agent", "teacher", "val")]
+    agent_keys = [("agent", name, split) for split in ("test", "ood") for name in ("teacher", *STUDENTS)]
+    agent_keys.append(("agent", "teacher", "val"))
     fallback_keys = [("fallback", name, split) for name in ("distilled", "sft") for split in ("val", "test")]
     cascade_keys = [("cascade", t) for t in cgrid]
     # Pieces of a few seconds each: a forked process pays its first calls' set-up again.
@@ -252,11 +299,31 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
     target_val = 0.98 * evaluated[("agent", "teacher", "val")]["success"]
     search = [point for key in cascade_keys for point in evaluated[key]]
     thresholds = ev.pick_cascade(search, target_val)
-    cascade_summary = ev.summarize(test, ev.run_agent(tiers, thresholds, test, tools, settings.max_steps), 3)
-    cascade = {"tiers": ["tiny", "distilled", "teacher"], "thresholds": thresholds,
+    tier_names = ("tiny", "distilled", "teacher")
+    # the chosen operating points: the cascade on test, it and the fallbacks out of distribution
+    chosen_keys = {"cascade": ("at", tier_names, tuple(thresholds), "test"),
+                   "cascade_ood": ("at", tier_names, tuple(thresholds), "ood"),
+                   **{f"{name}_fallback_ood": ("at", (name, "teacher"), (fallback[name]["threshold"],), "ood")
+                      for name in ("distilled", "sft")}}
+    evaluated_at = fork_map(evaluate, list(chosen_keys.values()), workers=workers)
+    chosen = {name: evaluated_at[key] for name, key in chosen_keys.items()}
+    cascade_summary = chosen["cascade"]
+    cascade = {"tiers": list(tier_names), "thresholds": thresholds,
                "test": cascade_summary, "val_search": search,
                "teacher_step_share": cascade_summary["tier_share"][-1]}
     timer.mark(f"evaluate: agents, fallback curves, cascade ({workers} process{'es' if workers > 1 else ''})")
+
+    # every row: out-of-distribution success and forward FLOPs per task relative to the teacher's
+    teacher_flops = results["teacher"]["flops_per_task"]
+    for name in ("teacher", *STUDENTS):
+        results[name].update(_ood_fields(evaluated[("agent", name, "ood")]),
+                             relative_cost=results[name]["flops_per_task"] / teacher_flops)
+    for name in ("distilled", "sft"):
+        point = fallback[name]["test_at_threshold"]
+        results[f"{name}_fallback"] = {**point, **_ood_fields(chosen[f"{name}_fallback_ood"]),
+                                       "relative_cost": point["flops_per_task"] / teacher_flops}
+    results["cascade"] = {**cascade_summary, "thresholds": thresholds, **_ood_fields(chosen["cascade_ood"]),
+                          "relative_cost": cascade_summary["flops_per_task"] / teacher_flops}
 
     # 6. report
     teacher_success = results["teacher"]["success"]
@@ -281,7 +348,7 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
     report = {
         "settings": settings.to_json(),
         "machine": machine_info(torch.get_num_threads()),
-        "data": {"teacher_train_tasks": len(gold), "student_queries": len(student_tasks),
+        "data": {"teacher_train_tasks": len(gold), "student_queries": len(student_tasks), "ood_tasks": len(ood),
                  "teacher_success_on_student_queries": teacher_query_success,
                  "student_train_trajectories": len(kept), "student_data_source": data_source, "val_tasks": len(val), "test_tasks": len(test),
                  "vocab_size": vocab},
@@ -298,6 +365,11 @@ def run_demo(settings: Settings, out_dir: Path, *, progress: bool = True, worker
     }
     report["timings_s"]["total"] = round(sum(timer.marks.values()), 2)
     return report
+
+
+def _ood_fields(summary: dict) -> dict:
+    return {"ood_success": summary["success"], "ood_success_by_steps": summary["success_by_steps"],
+            "ood_tool_call_accuracy": summary["tool_call_accuracy"]}
 
 
 def write_report(report: dict, out_dir: Path) -> None:

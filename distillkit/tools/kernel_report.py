@@ -21,6 +21,7 @@ Must run without TRITON_INTERPRET=1 (the interpreter replaces the compiler);
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -73,13 +74,13 @@ class Specialization(NamedTuple):
     @property
     def variant(self) -> str:
         parts = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items()
-                 if k not in ("BLOCK_V",)]
+                 if k not in ("BLOCK_V",) and not (k == "SHARED_STUDENT" and not v)]
         parts += [f"{k.replace('_ptr', '')}={v}" for k, v in self.pointer_dtypes.items()]
         return " ".join(parts)
 
 
 def _distill_specializations():
-    from ..core.backends.triton_rows import BACKWARD_CONFIG, FORWARD_CONFIG
+    from ..core.backends.triton_rows import BACKWARD_CONFIG, FORWARD_CONFIG, shares_student
 
     for kernel, config in (("distill_forward_kernel", FORWARD_CONFIG), ("distill_backward_kernel", BACKWARD_CONFIG)):
         for divergence, with_ce in itertools.product((NO_DIVERGENCE, *IDS.values()), (False, True)):
@@ -91,8 +92,11 @@ def _distill_specializations():
                 dtypes = {"student_ptr": student_dtype, "teacher_ptr": teacher_dtype}
                 if kernel == "distill_backward_kernel":
                     dtypes["grad_ptr"] = student_dtype
-                yield Specialization("distill", kernel, dict(DIVERGENCE=divergence, WITH_CE=with_ce,
-                                                             BLOCK_V=config["BLOCK_V"]), dtypes, config["num_warps"])
+                for shared in (False, True) if shares_student(divergence, with_ce, student_dtype == teacher_dtype) \
+                        else (False,):
+                    yield Specialization("distill", kernel, dict(DIVERGENCE=divergence, WITH_CE=with_ce,
+                                                                 BLOCK_V=config["BLOCK_V"], SHARED_STUDENT=shared),
+                                         dtypes, config["num_warps"])
 
 
 def _topk_specializations():
@@ -166,8 +170,12 @@ def jit_specialization(fn, spec: Specialization) -> tuple[dict, dict]:
     constant; pointers and the other integer arguments get `tt.divisibility = 16` (triton/backends/compiler.py
     `parse_attr` of the JIT's "D" specialization, keyed by the argument's index path)."""
     constexprs, attrs = dict(spec.constexprs), {}
+    # A constexpr switch with a default that the spec leaves out takes its default, as a launch without it does.
+    constexprs.update({p.name: p.default for p in inspect.signature(fn.fn).parameters.values()
+                       if "constexpr" in str(p.annotation) and p.name not in constexprs
+                       and p.default is not inspect.Parameter.empty})
     for i, name in enumerate(fn.arg_names):
-        if name in spec.constexprs or name in _FLOAT_ARGS or name in _UNSPECIALIZED:
+        if name in constexprs or name in _FLOAT_ARGS or name in _UNSPECIALIZED:
             continue
         if name.endswith("_n_inner"):
             constexprs[name] = 1

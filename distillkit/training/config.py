@@ -13,6 +13,7 @@ from ..core.modules import _span_index
 from ..sparse.topk import TAILS
 from .coerce import ConfigError, coerce_fields, coerce_value, field_errors
 from .curriculum import CurriculumConfig
+from .on_policy import OnPolicyConfig
 
 COMPONENT_MODES = ("auto", "all", "logged_steps", "off")
 TOPK_TAILS = ("auto",) + TAILS
@@ -29,6 +30,8 @@ class DistillationConfig:
         parameters join the optimizer (lr span_weight_lr, default the training learning rate, no weight
         decay) and are saved in every checkpoint (distill_loss.safetensors).
     curriculum: a CurriculumConfig (or its dict): per-sample weights from trajectory complexity.
+    on_policy: an OnPolicyConfig (or its dict: fraction, max_new_tokens, temperature, span): the share of
+        optimizer steps trained on the student's own continuations, scored by the teacher (on_policy.py).
     backend: the fused op's backend. use_logits_free: "auto" (when both models expose a final hidden state
         and a linear LM head), True (required) or False (always logits). chunk_size: token rows per chunk
         of the logits-free op (None: automatic).
@@ -50,6 +53,7 @@ class DistillationConfig:
     learnable_span_weights: bool = False
     span_weight_lr: Optional[float] = None
     curriculum: Optional[CurriculumConfig] = None
+    on_policy: Optional[OnPolicyConfig] = None
     backend: str = "auto"
     use_logits_free: Union[str, bool] = "auto"
     chunk_size: Optional[int] = None
@@ -83,6 +87,14 @@ class DistillationConfig:
         if self.curriculum is not None and not isinstance(self.curriculum, CurriculumConfig):
             raise ConfigError(f"must be a CurriculumConfig or a mapping; got {type(self.curriculum).__name__}",
                               key="curriculum")
+        if isinstance(self.on_policy, Mapping):
+            try:
+                self.on_policy = OnPolicyConfig.from_dict(self.on_policy)
+            except ConfigError as exc:
+                raise exc.within("on_policy") from None
+        if self.on_policy is not None and not isinstance(self.on_policy, OnPolicyConfig):
+            raise ConfigError(f"must be an OnPolicyConfig or a mapping; got {type(self.on_policy).__name__}",
+                              key="on_policy")
         if self.span_weights is not None:
             table = {}
             for key, value in dict(self.span_weights).items():
@@ -132,4 +144,4 @@ def _init_values(config) -> dict[str, Any]:
 _DEFAULT_OPTIONS = dict(divergence="forward_kl", beta=0.5, skew=0.1, alpha_beta=(0.5, 0.5), temperature=1.0,
                         reduction="mean", backend="auto")
 
-__all__ = ["DistillationConfig", "COMPONENT_MODES", "ConfigError"]
+__all__ = ["DistillationConfig", "OnPolicyConfig", "COMPONENT_MODES", "ConfigError"]

@@ -42,6 +42,7 @@ from .normalization import loss_normalizer, scale_across_devices
 from .checkpoint import CONFIG_NAME, LOSS_STATE_NAME, load_loss_state, save_loss_state
 from .components import hidden_state_components, window_logs
 from .config import COMPONENT_MODES, DistillationConfig  # noqa: F401  (re-exported)
+from .on_policy import OnPolicy, make_on_policy, with_on_policy_loss
 
 try:  # the logits-free op; the trainer falls back to logits without it
     from ..core.fused_linear import fused_linear_distill_loss
@@ -67,11 +68,13 @@ class DistillationTrainer(Trainer):
     processing_class, else from the model config). Batches need input_ids, labels (aligned with input_ids,
     -100 = ignored) and span_ids; without span_ids, labelled tokens count as ANSWER spans. teacher_cache (a
     directory or TeacherCache) replaces teacher_model: training from the cache alone (cached_teacher.py).
+    on_policy_rollout: fn(model, prompts, config) -> [(token_ids, span_ids)], with cfg.on_policy (on_policy.py).
     """
 
     def __init__(self, model=None, teacher_model: Optional[nn.Module] = None, args=None,
                  distill_config: Union[DistillationConfig, Mapping[str, Any], None] = None, data_collator=None,
-                 train_dataset=None, eval_dataset=None, processing_class=None, teacher_cache=None, **kwargs):
+                 train_dataset=None, eval_dataset=None, processing_class=None, teacher_cache=None,
+                 on_policy_rollout=None, **kwargs):
         if (teacher_model is None) == (teacher_cache is None):
             raise ValueError("DistillationTrainer needs a teacher_model or a teacher_cache (one of them)")
         if kwargs.get("compute_loss_func") is not None:
@@ -109,6 +112,7 @@ class DistillationTrainer(Trainer):
         table = self.loss_fn.weight_table
         self._uses_kl = bool((table[:, 0] != 0).any())
         self._uses_ce = bool((table[:, 1] != 0).any())
+        self.on_policy: Optional[OnPolicy] = make_on_policy(self, on_policy_rollout)  # None without cfg.on_policy
         self.curriculum: Optional[CompetenceCurriculum] = None
         if cfg.curriculum is not None:
             self.curriculum = CompetenceCurriculum(cfg.curriculum, self._curriculum_reference(train_dataset))
@@ -301,6 +305,13 @@ class DistillationTrainer(Trainer):
         self._record({"curriculum/weight_sum": weights.sum(), "curriculum/samples": torch.tensor(weights.numel())})
         return weights.to(span_ids.device)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.on_policy is not None and self.on_policy.replace_batches(self, batches):  # generated in place:
+            num_items = self._get_num_items_in_batch(batches, device)  # recounted as transformers counts them
+        return batches, num_items
+
+    @with_on_policy_loss  # a generated batch: the on-policy span table (on_policy.py)
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.distill_config
         input_ids, labels = inputs["input_ids"], inputs["labels"]
@@ -429,7 +440,8 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and not any(key.startswith("eval_") for key in logs):
-            logs.update(window_logs(self._reduced_window(), self.loss_fn, self._last_competence))
+            sums = self._reduced_window()
+            logs.update(window_logs(sums, self.loss_fn, self._last_competence), **OnPolicy.window_logs(sums))
             self._window = {}
         super().log(logs, *args, **kwargs)
 

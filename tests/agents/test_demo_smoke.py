@@ -17,12 +17,22 @@ def test_demo_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "student, distilled" in printed and "SFT baseline" in printed and "cascade" in printed
     assert "student, offline top-k (K=16)" in printed and "teacher cache of" in printed
+    assert "student, on-policy KD" in printed and "OOD" in printed
     assert "goals (reported as measured)" in printed
     report = json.loads((out / "report.json").read_text())
-    for name in ("teacher", "distilled", "offline_topk", "sft", "tiny"):
+    for name in ("teacher", "distilled", "offline_topk", "on_policy", "sft", "tiny"):
         result = report["results"][name]
         assert 0.0 <= result["success"] <= 1.0 and set(result["success_by_steps"]) == {"1", "2", "3", "4"}
         assert "ece" in result["calibration"]
+    for name in ("teacher", "distilled", "offline_topk", "on_policy", "sft", "tiny", "distilled_fallback",
+                 "sft_fallback", "cascade"):  # every row of the table
+        result = report["results"][name]
+        assert 0.0 <= result["ood_success"] <= 1.0 and set(result["ood_success_by_steps"]) == {"5", "6"}
+        assert result["relative_cost"] > 0 and result["flops_per_task"] > 0
+    assert report["results"]["teacher"]["relative_cost"] == 1.0
+    assert report["results"]["distilled"]["relative_cost"] < 1.0  # a quarter of the parameters at most
+    assert set(report["results"]["on_policy"]) == set(report["results"]["distilled"])
+    assert report["data"]["ood_tasks"] == 8
     assert report["parameters"]["distilled"] * 4 <= report["parameters"]["teacher"]
     assert report["parameters"]["distilled"] == report["parameters"]["sft"] == report["parameters"]["offline_topk"]
     assert set(report["results"]["offline_topk"]) == set(report["results"]["distilled"]) | {"cache"}

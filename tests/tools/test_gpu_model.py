@@ -169,5 +169,6 @@ def test_compiled_bf16_forward_loads_128_bits_and_models():
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     assert m["loops"] == 1 and m["elements_per_thread"] == 16
     assert "LDG.128" in m["global_accesses"] and "LDG.16" not in m["global_accesses"]  # the JIT's vectorized loads
-    assert m["mufu_per_element"] > 2 and m["shuffles_per_iteration"] > 0 and m["gpu"] == "H100 SXM"
+    # per-lane running state: the loop reduces within each thread (no shuffle, no barrier; kernels/distill.py)
+    assert m["mufu_per_element"] > 2 and m["shuffles_per_iteration"] == 0 and m["gpu"] == "H100 SXM"
     assert m["bound"] in ("issue", "memory", "mufu") and m["time_ms"] >= m["memory_ms"] > 2.5

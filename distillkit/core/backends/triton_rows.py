@@ -18,6 +18,13 @@ FORWARD_CONFIG = {"BLOCK_V": 4096, "num_warps": 8}
 BACKWARD_CONFIG = {"BLOCK_V": 4096, "num_warps": 8}
 
 
+def shares_student(divergence: int, with_ce: bool, same_dtypes: bool, temperature: float = 1.0,
+                   div_vocab: int = 0, vocab: int = 0) -> bool:
+    """SHARED_STUDENT: at T == 1 over the whole vocabulary the student's stream at T is the CE stream, so the
+    kernels compute its exponentials once. Compiled (and so used) for student and teacher of one dtype only."""
+    return divergence != 0 and with_ce and same_dtypes and temperature == 1.0 and div_vocab == vocab
+
+
 def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Optional[torch.Tensor],
             divergence: int, param_a: float, param_b: float, temperature: float, ignore_index: int, with_ce: bool,
             div_vocab: int):
@@ -34,6 +41,8 @@ def forward(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: Opti
         vocab, div_vocab, float(param_a), float(param_b), 1.0 / temperature, ignore_index,
         DIVERGENCE=divergence, WITH_CE=with_ce,
         BLOCK_V=FORWARD_CONFIG["BLOCK_V"],
+        SHARED_STUDENT=shares_student(divergence, with_ce, s.tensor.dtype == t.tensor.dtype, temperature, div_vocab,
+                                      vocab),
         num_warps=FORWARD_CONFIG["num_warps"],
     )
     return div, ce, stats
@@ -56,6 +65,8 @@ def backward(grad_div: torch.Tensor, grad_ce: torch.Tensor, student: torch.Tenso
         *s.addressing, *t.addressing,
         vocab, div_vocab, float(param_a), float(param_b), 1.0 / temperature, ignore_index,
         DIVERGENCE=divergence, WITH_CE=with_ce, BLOCK_V=block,
+        SHARED_STUDENT=shares_student(divergence, with_ce, s.tensor.dtype == t.tensor.dtype, temperature, div_vocab,
+                                      vocab),
         num_warps=BACKWARD_CONFIG["num_warps"],
     )
     return grad
