@@ -66,7 +66,7 @@ class RolloutBatches:
         self.on_policy_loss, self.examples, self.off_policy_loss = on_policy_loss, examples, off_policy_loss
         self.rng = random.Random(seed)
         self.queue: list[list[Example]] = []
-        self.generated_tokens = self.episodes = self.solved = self.on_policy_steps = 0
+        self.generated_tokens = self.episodes = self.on_policy_steps = 0
 
     def __call__(self):
         if self.rng.random() >= self.plan.fraction:
@@ -90,7 +90,6 @@ class RolloutBatches:
         attach_teacher_logits(ctx.teacher, examples)
         self.generated_tokens += policy.generated_tokens
         self.episodes += len(episodes)
-        self.solved += sum(e.answer is not None for e in episodes)
         batches = []
         for _ in range(plan.passes):
             order = list(range(len(examples)))
