@@ -1,8 +1,10 @@
-"""Shared by the benchmark modules: the skip decision and a measurement that write their own rows."""
+"""Shared by the benchmark modules: the skip decision and a measurement that write their own rows, and the
+fused-linear problems."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from distillkit.tools.bench import measure
 from distillkit.tools.bench.providers import get
@@ -31,3 +33,15 @@ def measurable(provider_name, case, mode, device, matrix, writer, metric: str):
         writer.skip(case, provider_name, mode, metric, reason)
         pytest.skip(reason)
     return provider
+
+
+def fused_linear_problem(device: str, n: int, h: int, v: int, logit_std: float):
+    """(hidden, weight, teacher hidden, teacher weight, labels) of a fused-linear benchmark whose logits have
+    standard deviation logit_std: logits = hidden @ W.T with W ~ N(0, 1/h), so std(logits) = std(hidden)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(n, h, generator=gen) * logit_std).to(device)
+    weight = (torch.randn(v, h, generator=gen) * h**-0.5).to(device)
+    t_hidden = (torch.randn(n, h, generator=gen) * logit_std).to(device)
+    t_weight = (torch.randn(v, h, generator=gen) * h**-0.5).to(device)
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    return hidden, weight, t_hidden, t_weight, labels

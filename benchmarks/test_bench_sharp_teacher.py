@@ -20,6 +20,7 @@ import time
 
 import pytest
 import torch
+from bench_helpers import fused_linear_problem
 
 from distillkit.core.fused_linear import fused_linear_distill_loss
 from distillkit.tools.bench.cases import Case
@@ -30,14 +31,7 @@ ROUNDS = 5
 
 
 def sharp_case(device: str):
-    gen = torch.Generator().manual_seed(0)
-    # logits = hidden @ W.T with W ~ N(0, 1/H): std(logits) = std(hidden) = LOGIT_STD
-    hidden = (torch.randn(N, H, generator=gen) * LOGIT_STD).to(device)
-    weight = (torch.randn(V, H, generator=gen) * H**-0.5).to(device)
-    t_hidden = (torch.randn(N, H, generator=gen) * LOGIT_STD).to(device)
-    t_weight = (torch.randn(V, H, generator=gen) * H**-0.5).to(device)
-    labels = torch.randint(0, V, (N,), generator=gen).to(device)
-    return hidden, weight, t_hidden, t_weight, labels
+    return fused_linear_problem(device, N, H, V, LOGIT_STD)
 
 
 @pytest.fixture(scope="module")

@@ -308,6 +308,24 @@ void parallel_rows(int64_t n, int64_t vocab, const F& body) {
   });
 }
 
+// The Args every op starts from: the rows' pointers and strides, and the divergence's constants.
+Args make_args(const Rows& r, const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+               const std::optional<at::Tensor>& labels, int64_t divergence, double param_a, double param_b,
+               double temperature, int64_t ignore_index, bool with_ce) {
+  Args a{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
+  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(param_a));
+  if (divergence == kAlphaBeta) a.ab = make_alpha_beta(param_a, param_b);
+  return a;
+}
+
+// The backward's per-row coefficients of the divergence and CE terms (strided [N] fp32).
+void set_grad_coefficients(Args& a, const at::Tensor& grad_div, const at::Tensor& grad_ce) {
+  a.grad_div = grad_div.data_ptr<float>();
+  a.grad_ce = grad_ce.data_ptr<float>();
+  a.gd_stride = grad_div.stride(0);
+  a.gc_stride = grad_ce.stride(0);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cpu(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& labels,
     int64_t divergence, double param_a, double param_b, double temperature, int64_t ignore_index, bool with_ce,
@@ -316,9 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward_cpu(
                                     div_vocab, at::kCPU);
   const auto opts = student.options().dtype(at::kFloat);
   at::Tensor div = at::empty({r.n}, opts), ce = at::empty({r.n}, opts), stats = at::empty({r.n, 8}, opts);
-  Args a{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
-  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(param_a));
-  if (divergence == kAlphaBeta) a.ab = make_alpha_beta(param_a, param_b);
+  Args a = make_args(r, student, teacher, labels, divergence, param_a, param_b, temperature, ignore_index, with_ce);
   a.div = div.data_ptr<float>();
   a.ce = ce.data_ptr<float>();
   a.stats = stats.data_ptr<float>();
@@ -339,13 +355,8 @@ at::Tensor rows_backward_cpu(const at::Tensor& grad_div, const at::Tensor& grad_
                                      param_b, temperature, with_ce, div_vocab, at::kCPU);
   at::Tensor grad = at::empty({r.n, r.vocab}, student.options());
   prepare_output(grad.data_ptr(), grad.nbytes());
-  Args a{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
-  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(param_a));
-  if (divergence == kAlphaBeta) a.ab = make_alpha_beta(param_a, param_b);
-  a.grad_div = grad_div.data_ptr<float>();
-  a.grad_ce = grad_ce.data_ptr<float>();
-  a.gd_stride = grad_div.stride(0);
-  a.gc_stride = grad_ce.stride(0);
+  Args a = make_args(r, student, teacher, labels, divergence, param_a, param_b, temperature, ignore_index, with_ce);
+  set_grad_coefficients(a, grad_div, grad_ce);
   a.stats = const_cast<float*>(stats.data_ptr<float>());
   a.grad = grad.data_ptr();
   const auto tt = r.read_teacher ? teacher->scalar_type() : student.scalar_type();
@@ -374,13 +385,8 @@ std::tuple<at::Tensor, at::Tensor> rows_forward_backward_cpu(
                       with_ce, div_vocab, at::kCPU);
   TORCH_CHECK(r.n <= 1 || r.s_stride == r.vocab, "student must be contiguous (it receives the gradient); got strides ",
               student.strides());
-  Args a{make_row_inputs(r, student, teacher, labels, temperature, ignore_index, with_ce)};
-  a.mp = make_mix(static_cast<int>(divergence), static_cast<float>(param_a));
-  if (divergence == kAlphaBeta) a.ab = make_alpha_beta(param_a, param_b);
-  a.grad_div = grad_div.data_ptr<float>();
-  a.grad_ce = grad_ce.data_ptr<float>();
-  a.gd_stride = grad_div.stride(0);
-  a.gc_stride = grad_ce.stride(0);
+  Args a = make_args(r, student, teacher, labels, divergence, param_a, param_b, temperature, ignore_index, with_ce);
+  set_grad_coefficients(a, grad_div, grad_ce);
   a.div = div.data_ptr<float>();
   a.ce = ce.data_ptr<float>();
   a.stats = stats.data_ptr<float>();

@@ -15,7 +15,7 @@ from .sparse.fused_linear_topk import fused_linear_distill_loss_topk
 from .sparse.topk import distill_loss_topk
 from .core.vocab import truncate_to_shared_vocab
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 
 __all__ = ["distill_loss", "loss_terms", "shift_labels", "LossTerms", "DistillationLoss", "SpanDistillationLoss",
            "fused_linear_distill_loss", "distill_loss_topk", "fused_linear_distill_loss_topk", "truncate_to_shared_vocab",

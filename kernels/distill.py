@@ -26,7 +26,9 @@ alpha_beta need both normalizers first, two passes (4); backward 3 (read s, t; w
 The vocabulary loops keep their running state per lane (a block is a [BLOCK_V // VEC, VEC] tile, a lane
 the VEC consecutive ids of one thread's 16-byte load): reductions along a lane stay in the thread, and the
 lanes merge into the row once after the loop, with the shift and rescale of a moving max. Exponentials
-are exp2 of a prescaled argument (ex2.approx.ftz: no range checks; a result below 2**-126 is 0).
+are exp2 of a prescaled argument (ex2.approx.ftz: no range checks; a result below 2**-126 is 0). The
+two-pass divergences work in base 2 (log2 p, log2 q, log2 of the mixture), scaled to nats by ln 2 once per
+term, so their per-element log is one MUFU.LG2 (_log2_mixture) rather than a ~28-instruction accurate log.
 
 The divergence covers the first div_vocab_size ids (== vocab_size unless teacher
 and student vocabularies differ and are truncated to the shared ids); the
@@ -36,21 +38,12 @@ student's ids beyond it take part in the CE term only.
 import triton
 import triton.language as tl
 
-# Divergence ids (constexpr switch): distillkit/core/divergences.py, checked by tests/core/test_divergence_registry.py.
-NONE = tl.constexpr(0)
-FORWARD_KL = tl.constexpr(1)
-REVERSE_KL = tl.constexpr(2)
-JSD = tl.constexpr(3)
-SKEW_FORWARD_KL = tl.constexpr(4)
-SKEW_REVERSE_KL = tl.constexpr(5)
-TVD = tl.constexpr(6)
-ALPHA_BETA = tl.constexpr(7)
+from .divergence_terms import (FORWARD_KL, LOG2E, LOWEST, NONE, REVERSE_KL, SMALLEST_NORMAL, _divergence_terms,
+                               _log2_probs)
 
 # Per row (distillkit/core/backends/_rows.py): max t, log-sum at T (teacher); max s, log-sum at T (student); c; max s,
 # log-sum at T = 1 (CE, whole vocabulary); the one-pass KLs' ref (other side's logit at the argmax; 0 otherwise).
 NUM_STATS = tl.constexpr(8)
-# A lane's initial max: finite, so no step needs a guard against -inf - -inf (an empty row's max is -inf again).
-LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -139,98 +132,25 @@ def _is_finite(x):
 
 
 @triton.jit
-def _log_probs(x, m, ls, inv_temperature):
-    """(log softmax(x / T), softmax(x / T)) from a row's saved raw max m and log-sum ls. exp2 of the log in
-    base 2 (ex2.approx.ftz: no range-check instructions; an output below 2**-126 is 0, never stored anyway)."""
-    log_p = (x - m) * inv_temperature - ls
-    return log_p, tl.exp2(log_p * 1.4426950408889634)
-
-
-@triton.jit
-def _divergence_terms(log_p, log_q, p, q, param_a, param_b, DIVERGENCE: tl.constexpr):
-    """Per-element (d_j, h_j): sum_j d_j = D and h_j = q_j * dD/dq_j. 0 where the weighting probability is 0.
-    (param_a, param_b) are the divergence's parameters (distillkit/core/divergences.py: beta, skew, (alpha, beta))."""
-    if DIVERGENCE == FORWARD_KL:
-        d = tl.where(p > 0, p * (log_p - log_q), 0.0)
-        h = -p
-    elif DIVERGENCE == REVERSE_KL:
-        d = tl.where(q > 0, q * (log_q - log_p), 0.0)
-        h = d
-    elif DIVERGENCE == JSD:
-        # param_a = beta, m = beta p + (1 - beta) q
-        m = param_a * p + (1.0 - param_a) * q
-        log_m = tl.log(tl.where(m > 0, m, 1.0))
-        kl_q = tl.where(q > 0, q * (log_q - log_m), 0.0)
-        d = param_a * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - param_a) * kl_q
-        h = (1.0 - param_a) * kl_q
-    elif DIVERGENCE == SKEW_FORWARD_KL:
-        # param_a = skew, m = skew p + (1 - skew) q
-        m = param_a * p + (1.0 - param_a) * q
-        m_pos = m > 0
-        d = tl.where(p > 0, p * (log_p - tl.log(tl.where(m_pos, m, 1.0))), 0.0)
-        h = tl.where(m_pos, -(1.0 - param_a) * p * q / tl.where(m_pos, m, 1.0), 0.0)
-    elif DIVERGENCE == SKEW_REVERSE_KL:
-        # param_a = skew, m = (1 - skew) p + skew q
-        m = (1.0 - param_a) * p + param_a * q
-        m_pos = m > 0
-        m_safe = tl.where(m_pos, m, 1.0)
-        d = tl.where(q > 0, q * (log_q - tl.log(m_safe)), 0.0)
-        h = d - tl.where(m_pos, param_a * q * q / m_safe, 0.0)
-    elif DIVERGENCE == TVD:
-        diff = q - p
-        d = 0.5 * tl.abs(diff)
-        h = 0.5 * q * tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-    elif DIVERGENCE == ALPHA_BETA:
-        d, h = _alpha_beta_terms(log_p, log_q, p, q, param_a, param_b)
-    else:
-        tl.static_assert(False, "unknown divergence id (distillkit/core/divergences.py)")
-    return d, h
-
-
-@triton.jit
-def _alpha_beta_terms(log_p, log_q, p, q, alpha, beta):
-    """alpha-beta divergence, D = -1/(alpha beta) sum (p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b)), with
-    h = q dD/dq = (q^(a+b) - p^a q^b) / alpha. Powers as exp(x log p): 0 for p = 0. The limits beta = 0
-    (alpha = 1: forward KL) and alpha = 0 (beta = 1: reverse KL) have their own terms (Cichocki et al.)."""
-    if beta == 0.0:
-        p_a = tl.exp(alpha * log_p)
-        q_a = tl.exp(alpha * log_q)
-        d = (tl.where(p > 0, alpha * p_a * (log_p - log_q), 0.0) + (q_a - p_a)) / (alpha * alpha)
-        h = (q_a - p_a) / alpha
-    elif alpha == 0.0:
-        p_b = tl.exp(beta * log_p)
-        q_b = tl.exp(beta * log_q)
-        kl = tl.where(q > 0, q_b * (log_q - log_p), 0.0)
-        d = (beta * kl + (p_b - q_b)) / (beta * beta)
-        h = kl
-    else:
-        total = alpha + beta
-        p_a_q_b = tl.exp(alpha * log_p + beta * log_q)
-        p_s = tl.exp(total * log_p)
-        q_s = tl.exp(total * log_q)
-        d = -(p_a_q_b - (alpha / total) * p_s - (beta / total) * q_s) / (alpha * beta)
-        h = (q_s - p_a_q_b) / alpha
-    return d, h
-
-
-@triton.jit
 def _terms_sums(s_row, t_row, div_vocab_size, m_t, ls_a, m_b, ls_b, param_a, param_b, inv_temperature,
                 DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     """(sum_j d_j, sum_j h_j) over a row's first div_vocab_size ids from the given raw maxima and log-sums: the
     second pass of the two-pass divergences (own normalizers in the core forward, global in the shard pass)."""
     tile = _lane_tile(BLOCK_V, VEC)
+    scale = inv_temperature * LOG2E
     d_sum = tl.zeros([BLOCK_V // VEC], tl.float32)
     h_sum = d_sum
     for start in range(0, div_vocab_size, BLOCK_V):
         offs = start + tile
         in_row = offs < div_vocab_size
+        # a masked id loads -inf on both sides: p = q = 0, so its terms are 0 (no select needed)
         t = tl.load(t_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
         s = tl.load(s_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)
-        log_p, p = _log_probs(t, m_t, ls_a, inv_temperature)
-        log_q, q = _log_probs(s, m_b, ls_b, inv_temperature)
-        d, h = _divergence_terms(log_p, log_q, p, q, param_a, param_b, DIVERGENCE)
-        d_sum += tl.sum(tl.where(in_row, d, 0.0), 1)
-        h_sum += tl.sum(tl.where(in_row, h, 0.0), 1)
+        lg_p, p = _log2_probs(t, m_t, ls_a, scale)
+        lg_q, q = _log2_probs(s, m_b, ls_b, scale)
+        d, h = _divergence_terms(lg_p, lg_q, p, q, param_a, param_b, DIVERGENCE)
+        d_sum += tl.sum(d, 1)
+        h_sum += tl.sum(h, 1)
     return tl.sum(d_sum, 0), tl.sum(h_sum, 0)
 
 
@@ -269,7 +189,6 @@ def distill_forward_kernel(
     VEC: tl.constexpr = _vector_width(student_ptr, teacher_ptr, DIVERGENCE != NONE)
     tile = _lane_tile(BLOCK_V, VEC)
     NEG_INF: tl.constexpr = float("-inf")
-    LOG2E: tl.constexpr = 1.4426950408889634
     # exponentials as exp2((x - m) * scale), the max subtracted first
     scale = LOG2E if SHARED_STUDENT else inv_temperature * LOG2E
     lanes = tl.zeros([BLOCK_V // VEC], tl.float32)  # running state per lane, merged once per row
@@ -389,10 +308,11 @@ def _store_grad_block(
         s_row = student_ptr + _row_offset(row, s_n_inner, s_stride_outer, s_stride_inner)
         stats_row = stats_ptr + row * NUM_STATS
         s = tl.load(s_row + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+        scale = inv_temperature * LOG2E
         grad = tl.zeros([BLOCK_V], tl.float32)
-        softmax_s = grad
+        lg_s, softmax_s = grad, grad
         if SHARED_STUDENT:  # T = 1 and the same ids: q is softmax(s), one exponential for both
-            _, softmax_s = _log_probs(s, tl.load(stats_row + 5), tl.load(stats_row + 6), 1.0)
+            lg_s, softmax_s = _log2_probs(s, tl.load(stats_row + 5), tl.load(stats_row + 6), LOG2E)
         # Skip, not multiply by 0: a row weighted out of the divergence may have a NaN or infinite one.
         if DIVERGENCE != NONE:
             if g_div != 0:
@@ -400,11 +320,11 @@ def _store_grad_block(
                 in_div = in_row if SHARED_STUDENT else offs < div_vocab_size
                 sd = s if SHARED_STUDENT else tl.where(in_div, s, NEG_INF)
                 if SHARED_STUDENT:
-                    log_q, q = (s - tl.load(stats_row + 2)) - tl.load(stats_row + 3), softmax_s
+                    lg_q, q = lg_s, softmax_s
                 else:
-                    log_q, q = _log_probs(sd, tl.load(stats_row + 2), tl.load(stats_row + 3), inv_temperature)
+                    lg_q, q = _log2_probs(sd, tl.load(stats_row + 2), tl.load(stats_row + 3), scale)
                 t = tl.load(t_row + offs, mask=in_div, other=NEG_INF).to(tl.float32)
-                log_p, p = _log_probs(t, tl.load(stats_row + 0), tl.load(stats_row + 1), inv_temperature)
+                lg_p, p = _log2_probs(t, tl.load(stats_row + 0), tl.load(stats_row + 1), scale)
                 c = tl.load(stats_row + 4)
                 if DIVERGENCE == FORWARD_KL:
                     d_db = q - p  # h - q c with h = -p, c = -1, without the cancellation
@@ -413,18 +333,21 @@ def _store_grad_block(
                     rel = (sd - tl.load(stats_row + 2)) - (t - tl.load(stats_row + 7))
                     d_db = tl.where(q > 0, q * (rel * inv_temperature - c), 0.0)
                 else:
-                    _, h = _divergence_terms(log_p, log_q, p, q, param_a, param_b, DIVERGENCE)
+                    _, h = _divergence_terms(lg_p, lg_q, p, q, param_a, param_b, DIVERGENCE)
                     d_db = h - q * c
-                d_db = tl.where(c == c, d_db, float("nan"))  # a row with no distribution (c = NaN): NaN
-                grad += (g_div * inv_temperature) * d_db
+                # a row with no distribution (c = NaN) is NaN: the row's coefficient, not a select per element
+                grad += tl.where(c == c, g_div * inv_temperature, float("nan")) * d_db
         if WITH_CE:
             if g_ce != 0:
                 if not SHARED_STUDENT:
-                    _, softmax_s = _log_probs(s, tl.load(stats_row + 5), tl.load(stats_row + 6), 1.0)
-                grad += g_ce * (softmax_s - tl.where(offs == label, 1.0, 0.0))
+                    _, softmax_s = _log2_probs(s, tl.load(stats_row + 5), tl.load(stats_row + 6), LOG2E)
+                # the label as an i32 id (-1 if outside the row): a 32-bit compare per element, not a 64-bit one
+                label_id = tl.where((label >= 0) & (label < vocab_size), label, -1).to(tl.int32)
+                grad += g_ce * (softmax_s - tl.where(offs == label_id, 1.0, 0.0))
         # No fp32/bf16 subnormal is stored (backends/_rows.py FLUSH_BELOW says why, and why fp16 keeps its own).
-        grad = tl.where(tl.abs(grad) < 1.1754943508222875e-38, 0.0, grad)
-        tl.store(grad_row + offs, tl.where(in_row, grad, 0.0).to(out_dtype), mask=in_row)
+        # The store is masked: ids past the row are not written.
+        grad = tl.where(tl.abs(grad) < SMALLEST_NORMAL, 0.0, grad)
+        tl.store(grad_row + offs, grad.to(out_dtype), mask=in_row)
 
 
 @triton.jit

@@ -4,12 +4,12 @@ The checks, the kernels' parameters, the kernel report, the comparison tool, the
 the tests all take the names, ids and options from here. The math of a divergence lives in one
 place per backend (docs/DESIGN.md, "Adding a divergence"):
 
-    kernels/distill.py                     _divergence_terms       (Triton)
+    kernels/divergence_terms.py            _divergence_terms       (Triton)
     csrc/distill_math.h                    div_terms               (CUDA and C++ CPU)
     distillkit/core/backends/torch_rows.py divergence_terms        (chunked torch)
     distillkit/core/reference.py           divergence_per_token    (float64 oracle)
 
-The ids are the kernels' compile-time switch: `kernels/distill.py` and `csrc/distill_math.h` spell
+The ids are the kernels' compile-time switch: `kernels/divergence_terms.py` and `csrc/distill_math.h` spell
 them as constants, and tests/core/test_divergence_registry.py checks those against this table.
 An id that no backend knows fails loudly in each: ValueError (torch, reference), a static assert
 (Triton, C++ templates) and a TORCH_CHECK against the bound (C++ ops).

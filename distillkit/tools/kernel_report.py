@@ -191,6 +191,8 @@ def _model(spec: Specialization, arch: int, sass: str, name: str) -> dict | None
     instructions = functions.get(name) or next(iter(functions.values()), [])
     if not instructions:
         return None
+    if spec.kernel == "topk_forward_kernel" and not spec.constexprs["FULL_PASS"]:
+        return None  # reads the K ids of a row, not the row: the vocabulary-stream model does not apply
     counts = gpu_model.loop_counts(instructions)
     block_v = spec.constexprs["BLOCK_V"]
     streamed = {k: v for k, v in spec.pointer_dtypes.items()

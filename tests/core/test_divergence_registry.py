@@ -26,7 +26,7 @@ def _snake(camel: str) -> str:
 
 
 def test_triton_constants_are_the_registry_ids():
-    from distillkit.kernels import distill as K
+    from distillkit.kernels import divergence_terms as K
 
     for name, div_id in divergences.IDS.items():
         assert getattr(K, name.upper()).value == div_id, name
