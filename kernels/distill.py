@@ -28,7 +28,8 @@ the VEC consecutive ids of one thread's 16-byte load): reductions along a lane s
 lanes merge into the row once after the loop, with the shift and rescale of a moving max. Exponentials
 are exp2 of a prescaled argument (ex2.approx.ftz: no range checks; a result below 2**-126 is 0). The
 two-pass divergences work in base 2 (log2 p, log2 q, log2 of the mixture), scaled to nats by ln 2 once per
-term, so their per-element log is one MUFU.LG2 (_log2_mixture) rather than a ~28-instruction accurate log.
+term, so their per-element log is one MUFU.LG2 rather than a ~28-instruction accurate log: their per-element
+terms, and the divergence ids, are in kernels/divergence_terms.py.
 
 The divergence covers the first div_vocab_size ids (== vocab_size unless teacher
 and student vocabularies differ and are truncated to the shared ids); the

@@ -2,10 +2,11 @@
 saved statistics, and each two-pass divergence's terms (d_j, h_j) in base 2 (kernels/distill.py has the row math
 and the kernels that call these). Adding a divergence adds its id and its branch of `_divergence_terms` here.
 
-The two-pass divergences work in base 2: log2 p and log2 q are one FFMA from the logits, the terms are scaled to
-nats by ln 2 once, ratios such as q / m are exp2 of a log difference (no division), and the one per-element log
-(of the mixture m) is the exponent of m plus the log of its mantissa in [1, 2): lg2.approx.ftz (one MUFU.LG2)
-compiled, with an absolute error there of at most 2**-22, instead of a ~28-instruction accurate log.
+The two-pass divergences work in base 2: log2 p and log2 q are an FADD and an FFMA from the logits, the terms
+are scaled to nats by ln 2 once, ratios such as q / m are exp2 of a log difference (no division), and the one
+per-element log (of the mixture m) is the exponent of m plus the log of its mantissa in [1, 2): lg2.approx.ftz
+(one MUFU.LG2) compiled, with an absolute error there of at most 2**-22, instead of a ~28-instruction accurate
+log.
 """
 
 import triton

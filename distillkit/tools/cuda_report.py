@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -58,20 +59,18 @@ def find_nvcc() -> Optional[str]:
     return shutil.which("nvcc")
 
 
-def find_cuobjdump() -> Optional[str]:
-    """cuobjdump from the toolkit, PATH, or the one the Triton wheel ships."""
+def find_cuobjdump(prefer_triton: bool = False) -> Optional[str]:
+    """cuobjdump from the toolkit, PATH, or the one the Triton wheel ships; with prefer_triton the wheel's first
+    (it reads the cubins of the wheel's own ptxas, which may be newer than the toolkit's)."""
+    spec = importlib.util.find_spec("triton")
+    path = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump" if spec and spec.origin else None
+    bundled = str(path) if path is not None and path.exists() else None
+    if prefer_triton and bundled:
+        return bundled
     for home in _cuda_homes():
         if (home / "bin" / "cuobjdump").exists():
             return str(home / "bin" / "cuobjdump")
-    if shutil.which("cuobjdump"):
-        return shutil.which("cuobjdump")
-    try:
-        import triton
-
-        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        return str(path) if path.exists() else None
-    except ImportError:
-        return None
+    return shutil.which("cuobjdump") or bundled
 
 
 # What torch.utils.cpp_extension adds to every nvcc command of the extension build

@@ -207,10 +207,10 @@ def _model(spec: Specialization, arch: int, sass: str, name: str) -> dict | None
 
 
 def cuobjdump() -> str:
-    import triton
+    """The cuobjdump for Triton's cubins: the Triton wheel's own where it ships one."""
+    from .cuda_report import find_cuobjdump
 
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return bundled if os.path.exists(bundled) else "cuobjdump"
+    return find_cuobjdump(prefer_triton=True) or "cuobjdump"
 
 
 def parse_resource_usage(text: str) -> list[tuple[str, int, int, int, int]]:

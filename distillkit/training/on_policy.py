@@ -31,7 +31,7 @@ from .coerce import ConfigError, coerce_fields
 
 __all__ = ["OnPolicyConfig", "OnPolicy", "ContinuationRollout", "Rollout", "ON_POLICY", "TRAINED_SPANS",
            "sample_continuations", "prompts_of", "rollout_batch", "on_policy_loss", "with_on_policy_loss",
-           "make_on_policy"]
+           "make_on_policy", "parameters_sharded_by"]
 
 ON_POLICY = "on_policy"  # the batch key marking a generated batch (True)
 TRAINED_SPANS = (Span.REASON, Span.ACTION, Span.ANSWER)  # generated spans; PROMPT / OBSERVATION are context
@@ -220,6 +220,25 @@ def _vocab(model: nn.Module) -> Optional[int]:
     return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
+def parameters_sharded_by(trainer, model: nn.Module) -> Optional[str]:
+    """How the student's parameters are sharded across processes (FSDP or DeepSpeed ZeRO-3 through the
+    Trainer, FSDP2 / DTensor by hand), or None: the default rollout cannot generate under any of them (each
+    process would run its own number of decode steps, and the gathers inside the forward are collectives)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP, from TrainingArguments.fsdp"
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", None) == 3:
+        return "DeepSpeed ZeRO-3"
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, Shard
+
+        for name, param in model.named_parameters():
+            if isinstance(param, DTensor) and param.device_mesh.size() > 1 \
+                    and any(isinstance(p, Shard) for p in param.placements):
+                return f"FSDP2 / DTensor: parameter {name!r} is sharded over {param.device_mesh.size()} processes"
+    return None
+
+
 class OnPolicy:
     """The trainer's on-policy state: the decision per optimizer step, the rollout, the on-policy loss table, the
     logging counters (kept in the trainer's logging window, so they are summed over processes)."""
@@ -232,6 +251,12 @@ class OnPolicy:
         self.pad_token_id = int(pad_token_id)
         if rollout is None:
             student = trainer._unwrap(trainer.model)
+            sharding = parameters_sharded_by(trainer, student)
+            if sharding is not None:
+                raise ValueError(
+                    f"loss.on_policy: the default rollout generates with the student on each process on its own, "
+                    f"which needs its whole parameters, but they are sharded across processes here ({sharding}). "
+                    "Train with DDP, or pass on_policy_rollout= a rollout that generates under this sharding.")
             vocabs = [v for v in (_vocab(student), _vocab(trainer.teacher_model)) if v is not None]
             rollout = ContinuationRollout(self.pad_token_id, _eos_ids(student, trainer.processing_class),
                                           min(vocabs) if vocabs else None)

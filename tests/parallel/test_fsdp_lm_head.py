@@ -19,6 +19,8 @@ and head, gathered with full_tensor) must equal one process's on the whole batch
   then the root with reshard_after_forward=True, as accelerate's FSDP2 does; the teacher sharded the same way):
   its LM heads are DTensors when the loss runs, and the root's own layers (embedding, final norm) get their
   gradient although the loss never touches the root's output (the logits).
+- On-policy distillation with a student sharded by FSDP2: a ValueError naming `loss.on_policy` with the default
+  rollout (it would generate on each rank alone), none with a rollout of the user's.
 """
 
 from __future__ import annotations
@@ -303,3 +305,44 @@ def test_trainer_logits_free_path_under_fsdp2(tmp_path):
         scale = float(want.abs().max())
         assert scale > 0, name
         torch.testing.assert_close(two["grads"][name], want, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+# -- on-policy distillation refuses sharded parameters with its default rollout ---------------------
+
+def _on_policy_worker(rank, world, port, paths, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import transformers
+
+    from distillkit.training.trainer import DistillationConfig, DistillationTrainer
+    with worker_process():
+        mesh = init_device_mesh("cpu", (world,))
+        workspace = _load_workspace(paths)
+        tok = workspace["tokenizer"]
+        ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        student = workspace["make_model"]("llama", len(tok), seed=2, **ids)
+        teacher = workspace["make_model"]("llama", len(tok), seed=1, **ids)
+        for layer in student.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(student, mesh=mesh)
+        args = transformers.TrainingArguments(output_dir=os.path.join(out_dir, f"rank{rank}"), use_cpu=True,
+                                              report_to="none", disable_tqdm=True, dataloader_pin_memory=False)
+        config = DistillationConfig(divergence="reverse_kl", on_policy={"fraction": 0.5, "max_new_tokens": 4})
+        build = dict(model=student, teacher_model=teacher, args=args, distill_config=config,
+                     train_dataset=workspace["examples"], processing_class=tok)
+        with pytest.raises(ValueError, match=r"^loss\.on_policy: .*sharded across processes here \(FSDP2 / DTensor"):
+            DistillationTrainer(**build)
+        trainer = DistillationTrainer(**build, on_policy_rollout=lambda model, prompts, cfg: [])  # the user's call
+        assert trainer.on_policy is not None
+        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+
+
+def test_on_policy_refuses_fsdp2_sharded_students_with_its_default_rollout(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("accelerate")
+    paths = {"make_tiny": MAKE_TINY}
+    paths.update(_make_tiny(MAKE_TINY).build_workspace(tmp_path / "tiny", n_trajectories=4, models=False))
+    _run(_on_policy_worker, paths, str(tmp_path))
+    assert all((tmp_path / f"ok{rank}").exists() for rank in range(WORLD))

@@ -28,7 +28,7 @@ def test_parse_resource_usage():
 def test_every_triton_specialization_compiles_without_spills(tmp_path):
     out = tmp_path / "kernels.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # --no-model: the SASS counts are tested in test_gpu_model.py; here only registers and spills matter.
+    # --no-model: the SASS counts are tested in test_triton_sass.py; here only registers and spills matter.
     proc = subprocess.run([sys.executable, "-m", "distillkit.tools.kernel_report", "--check", "--no-cuda", "--no-model",
                            "--json", str(out)], capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
