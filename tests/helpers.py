@@ -67,6 +67,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_env(rank: int, world: int, port: int) -> None:
+    """A spawned worker's torchrun environment (rendezvous on 127.0.0.1:port) and one torch thread: what
+    TrainingArguments and init_process_group / init_device_mesh read."""
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
 def spawn_and_wait(worker, args: tuple, nprocs: int, timeout_s: float, what: str = "workers") -> None:
     """torch.multiprocessing.spawn(worker, args, nprocs); a failed worker re-raises here, and one still
     running after timeout_s fails the test (every worker is killed on the way out)."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import free_port, spawn_and_wait, worker_process
+from helpers import free_port, launch_env, spawn_and_wait, worker_process
 
 from distillkit.core.fused_linear import fused_linear_distill_loss
 from distillkit.sparse.fused_linear_topk import fused_linear_distill_loss_topk
@@ -257,6 +257,16 @@ def _make_tiny(path):
     return module
 
 
+def _workspace_paths(tmp_path, n_trajectories: int) -> dict:
+    """examples/make_tiny.py's workspace (tokenizer, trajectories) under tmp_path, for the workers to load."""
+    for module in ("transformers", "tokenizers", "accelerate"):
+        pytest.importorskip(module)
+    paths = {"make_tiny": MAKE_TINY}
+    paths.update(_make_tiny(MAKE_TINY).build_workspace(tmp_path / "tiny", n_trajectories=n_trajectories,
+                                                       models=False))
+    return paths
+
+
 def _load_workspace(paths):
     import transformers
     from distillkit.data import TrajectoryTokenizer, load_trajectories
@@ -267,9 +277,7 @@ def _load_workspace(paths):
 
 
 def _trainer_worker(rank, world, port, paths, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    launch_env(rank, world, port)
     with worker_process():
         mesh = init_device_mesh("cpu", (world,))  # initializes the gloo group from the environment
         workspace = _load_workspace(paths)
@@ -283,11 +291,7 @@ def _trainer_worker(rank, world, port, paths, out_dir):
 
 
 def test_trainer_logits_free_path_under_fsdp2(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("tokenizers")
-    pytest.importorskip("accelerate")
-    paths = {"make_tiny": MAKE_TINY}
-    paths.update(_make_tiny(MAKE_TINY).build_workspace(tmp_path / "tiny", n_trajectories=8, models=False))
+    paths = _workspace_paths(tmp_path, n_trajectories=8)
 
     _run(_trainer_worker, paths, str(tmp_path))
     two = torch.load(tmp_path / "fsdp.pt")
@@ -310,9 +314,7 @@ def test_trainer_logits_free_path_under_fsdp2(tmp_path):
 # -- on-policy distillation refuses sharded parameters with its default rollout ---------------------
 
 def _on_policy_worker(rank, world, port, paths, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    launch_env(rank, world, port)
     import transformers
 
     from distillkit.training.trainer import DistillationConfig, DistillationTrainer
@@ -339,10 +341,6 @@ def _on_policy_worker(rank, world, port, paths, out_dir):
 
 
 def test_on_policy_refuses_fsdp2_sharded_students_with_its_default_rollout(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("tokenizers")
-    pytest.importorskip("accelerate")
-    paths = {"make_tiny": MAKE_TINY}
-    paths.update(_make_tiny(MAKE_TINY).build_workspace(tmp_path / "tiny", n_trajectories=4, models=False))
+    paths = _workspace_paths(tmp_path, n_trajectories=4)
     _run(_on_policy_worker, paths, str(tmp_path))
     assert all((tmp_path / f"ok{rank}").exists() for rank in range(WORLD))

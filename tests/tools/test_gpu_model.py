@@ -141,3 +141,12 @@ def test_model_table_lists_each_variant_once_with_both_gpus():
             for a in kernel_report.ARCHS]
     lines = kernel_report.format_model_table(rows).splitlines()
     assert len(lines) == 3 and "53.8" in lines[2] and "4xLDG.128" in lines[2] and lines[2].count("3.45 issue") == 2
+
+
+def test_the_topk_forward_that_reads_only_k_ids_is_not_modeled_as_a_vocabulary_stream():
+    topk = [s for s in kernel_report.shipped_specializations() if s.kernel == "topk_forward_kernel"]
+    ids_only = next(s for s in topk if not s.constexprs["FULL_PASS"])
+    streaming = next(s for s in topk if s.constexprs["FULL_PASS"])
+    assert kernel_report._model(ids_only, 90, SNIPPET, "toy_kernel") is None
+    model = kernel_report._model(streaming, 90, SNIPPET, "toy_kernel")
+    assert model is not None and model["memory_ms"] > 0 and model["loops"] == 1

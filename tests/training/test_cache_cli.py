@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from helpers import free_port, worker_process
+from helpers import free_port, launch_env, worker_process
 from trainer_helpers import make_tiny
 
 from distillkit import cli as dispatcher
@@ -169,9 +169,7 @@ def test_killed_run_finished_with_resume_equals_an_uninterrupted_run(tiny, tmp_p
 
 
 def _torchrun_worker(rank, world, port, argv):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    launch_env(rank, world, port)
     with worker_process():
         code = cache_cli.main(argv)
         assert code == 0, f"rank {rank}: exit {code}"

@@ -359,10 +359,8 @@ def _ddp_train(workspace, out, batch_size, **extra):
 
 def _ddp_worker(rank, world, port, tokenizer_path, examples, out_dir):
     import os
-    from helpers import worker_process
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    from helpers import launch_env, worker_process
+    launch_env(rank, world, port)
     with worker_process():
         workspace = {"tokenizer": transformers.AutoTokenizer.from_pretrained(tokenizer_path), "examples": examples}
         result = _ddp_train(workspace, os.path.join(out_dir, f"rank{rank}"), 2, ddp_backend="gloo")

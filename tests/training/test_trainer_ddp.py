@@ -19,7 +19,7 @@ import os
 
 import pytest
 import torch
-from helpers import free_port, spawn_and_wait, worker_process
+from helpers import free_port, launch_env, spawn_and_wait, worker_process
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -68,9 +68,7 @@ def _train(workspace, out, batch_size, logits_free, average_tokens, **extra):
 
 
 def _worker(rank, world, port, tokenizer_path, examples, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    launch_env(rank, world, port)
     with worker_process():
         workspace = {"tokenizer": transformers.AutoTokenizer.from_pretrained(tokenizer_path), "examples": examples}
         results = {name: _train(workspace, os.path.join(out_dir, f"rank{rank}", name), PER_DEVICE, *options,
