@@ -36,7 +36,8 @@ without CE; backward one read of s and one write of the dense gradient (2 units)
 import triton
 import triton.language as tl
 
-from .distill import _lane_lse_step, _lane_tile, _merge_lse_lanes, _row_coefficients, _row_offset, _store_ce, _vector_width
+from .distill import (_lane_lse_step, _lane_tile, _merge_lse_lanes, _row_coefficients, _row_offset, _store_ce,
+                      _vector_width)
 from .divergence_terms import FORWARD_KL, LOG2E, LOWEST, NONE, REVERSE_KL
 
 # The tails (TAIL), as numbered in distillkit/sparse/reference.py's TAIL_REGISTRY (tests check it).

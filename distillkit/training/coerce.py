@@ -172,7 +172,8 @@ def coerce_value(value: Any, annotation, key: str) -> Any:
                 return value  # nested sections are coerced by their own class
             if isinstance(member, type) and isinstance(value, member):
                 return value
-            raise ConfigError(f"must be a {getattr(member, '__name__', member)}; got {_describe(value)}", key=key)
+            name = str(getattr(member, "__name__", member))
+            raise ConfigError(f"must be {'an' if name[:1] in 'AEIOU' else 'a'} {name}; got {_describe(value)}", key=key)
         except ConfigError as exc:
             errors.append(exc.reason)
     if len(errors) == 1:

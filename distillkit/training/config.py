@@ -19,6 +19,17 @@ COMPONENT_MODES = ("auto", "all", "logged_steps", "off")
 TOPK_TAILS = ("auto",) + TAILS
 
 
+def _nested_config(value, cls, key: str):
+    """A nested section given as a mapping, built by cls.from_dict with its errors under `key`; None or a cls as it
+    is (coerce_fields has already refused any other type, naming the key)."""
+    if not isinstance(value, Mapping):
+        return value
+    try:
+        return cls.from_dict(value)
+    except ConfigError as exc:
+        raise exc.within(key) from None
+
+
 @dataclass
 class DistillationConfig:
     """The loss of a `DistillationTrainer`.
@@ -79,22 +90,8 @@ class DistillationConfig:
             _checks.check_options(divergence=self.divergence, beta=self.beta, skew=self.skew,
                                   alpha_beta=self.alpha_beta, temperature=self.temperature, reduction="mean",
                                   backend=self.backend)
-        if isinstance(self.curriculum, Mapping):
-            try:
-                self.curriculum = CurriculumConfig.from_dict(self.curriculum)
-            except ConfigError as exc:
-                raise exc.within("curriculum") from None
-        if self.curriculum is not None and not isinstance(self.curriculum, CurriculumConfig):
-            raise ConfigError(f"must be a CurriculumConfig or a mapping; got {type(self.curriculum).__name__}",
-                              key="curriculum")
-        if isinstance(self.on_policy, Mapping):
-            try:
-                self.on_policy = OnPolicyConfig.from_dict(self.on_policy)
-            except ConfigError as exc:
-                raise exc.within("on_policy") from None
-        if self.on_policy is not None and not isinstance(self.on_policy, OnPolicyConfig):
-            raise ConfigError(f"must be an OnPolicyConfig or a mapping; got {type(self.on_policy).__name__}",
-                              key="on_policy")
+        self.curriculum = _nested_config(self.curriculum, CurriculumConfig, "curriculum")
+        self.on_policy = _nested_config(self.on_policy, OnPolicyConfig, "on_policy")
         if self.span_weights is not None:
             table = {}
             for key, value in dict(self.span_weights).items():
